@@ -1,0 +1,152 @@
+"""Create models and move weights in and out: our safetensors format and the authors' `.pth` layout.
+
+A checkpoint never runs code: `.pth` files are read with ``weights_only=True`` and our own weights are
+safetensors. Files are written atomically (temporary file, then rename), so a crash mid-write never
+destroys the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+import sret.model  # noqa: F401  (registers the variants with timm)
+from sret.model import MODEL_CONFIGS, checkpoint_filter_fn
+
+_logger = logging.getLogger(__name__)
+
+METADATA_KEYS = ("model_name", "model_args")
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call `write(tmp_path)` and rename the result over `path` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from safetensors or a (weights-only) torch file; clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:  # unpickling errors of weights_only (e.g. a pickled object) land here
+        raise ValueError(f"cannot read checkpoint {path} as weights only: {e}") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Model name and constructor arguments stored with our safetensors weights (empty if absent)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    out: dict[str, Any] = {}
+    if "model_name" in meta:
+        out["model_name"] = meta["model_name"]
+    if "model_args" in meta:
+        out["model_args"] = json.loads(meta["model_args"])
+    return out
+
+
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    model_name: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> None:
+    """Save weights as safetensors, with the model name and arguments needed to rebuild it."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {}
+    if model_name:
+        meta["model_name"] = model_name
+    if model_args:
+        meta["model_args"] = json.dumps(model_args)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load our safetensors or the official layout into `model` (format detected from the keys).
+
+    A classifier whose shape differs from the checkpoint's (fine-tuning to another class count) is
+    kept freshly initialised, with a log line saying so.
+    """
+    state = checkpoint_filter_fn(load_state(path), model)
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in state and (key not in own or state[key].shape != own[key].shape):
+            _logger.info("not loading %s from %s: shape differs (new classifier)", key, path)
+            state.pop(key)
+            strict = False
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"checkpoint {path} does not fit this model: {detail}") from None
+    missing = [k for k in missing if not (k.startswith("head.") and not strict)]
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"checkpoint {path} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    return model
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered SReT variant, optionally loading weights.
+
+    Args:
+        name: a variant from :func:`sret.list_models` (a pretrained tag such as ``sret_t.distill_in1k``
+            is accepted).
+        pretrained: load weights; they are not bundled, so `checkpoint_path` must name the file.
+        checkpoint_path: our safetensors or the authors' `.pth` (detected automatically).
+        overrides: replace config fields (num_classes, img_size, shuffle, drop_path_rate, ...).
+    """
+    arch = name.split(".", 1)[0]
+    if arch not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
+    if pretrained and checkpoint_path is None:
+        raise ValueError(
+            f"no weights ship with {name!r}: pass checkpoint_path= (our .safetensors or the authors' .pth)"
+        )
+    model = timm.create_model(name, pretrained=False, **overrides)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model

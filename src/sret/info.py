@@ -1,0 +1,183 @@
+"""Parameter and MAC accounting: where a SReT spends its weights and its compute.
+
+MACs are torch's FlopCounterMode total / 2 for one image. Attention is counted through the math
+backend of scaled_dot_product_attention, whose matrix products the counter sees on every device.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from sret.model import MODEL_CONFIGS, SReT, StageConfig
+
+# Component of a parameter or module name, first match wins. Coefficients and pre-norms belong to the
+# branch they scale or feed.
+_COMPONENTS = (
+    ("stem", r"^(patch_embed|pos_embed)"),
+    ("attention", r"^stages\.\d+\.blocks\.\d+\.(attn|norm1|attn_)"),
+    ("mlp", r"^stages\.\d+\.blocks\.\d+\.(mlp|norm2|mlp_)"),
+    ("nll", r"^stages\.\d+\.nlls\."),
+    ("pooling", r"^pools\."),
+    ("head", r"^(norm|head)"),
+)
+COMPONENTS = tuple(name for name, _ in _COMPONENTS)
+
+
+def component_of(name: str) -> str | None:
+    for component, pattern in _COMPONENTS:
+        if re.match(pattern, name):
+            return component
+    return None
+
+
+def _input(model: nn.Module, img_size: int | None) -> torch.Tensor:
+    size = img_size or getattr(model, "img_size", (224, 224))
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    in_chans = getattr(getattr(model, "cfg", None), "in_chans", 3)
+    param = next(model.parameters())
+    return torch.zeros(1, in_chans, *size, device=param.device, dtype=param.dtype)
+
+
+def _count(model: nn.Module, img_size: int | None) -> FlopCounterMode:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            model(_input(model, img_size))
+    finally:
+        model.train(was_training)
+    return counter
+
+
+def count_macs(model: nn.Module, img_size: int | None = None) -> int:
+    """Multiply-accumulates of one forward pass on one image (FlopCounterMode total / 2)."""
+    return _count(model, img_size).get_total_flops() // 2
+
+
+@dataclass
+class ModelInfo:
+    """Params and MACs of one model, split by component and by stage."""
+
+    name: str
+    img_size: int
+    params: int
+    macs: int
+    params_by_component: dict[str, int]
+    macs_by_component: dict[str, int]
+    macs_by_stage: list[int]
+    unsliced_macs: int
+
+    @property
+    def slicing_saving(self) -> float:
+        """Fraction of MACs saved against the same model with all groups 1 and no permutation."""
+        return 1.0 - self.macs / self.unsliced_macs if self.unsliced_macs else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "slicing_saving": self.slicing_saving}
+
+
+def unsliced_twin(model: SReT) -> SReT:
+    """The same architecture with full (unsliced) attention in every loop."""
+    stages = tuple(replace(s, groups=(1,) * s.loops, permute=(False,) * s.loops) for s in model.cfg.stages)
+    return SReT(replace(model.cfg, stages=stages))
+
+
+def _strip_root(counts: dict[str, dict]) -> dict[str, int]:
+    """Module FQN (without the root class name) -> inclusive flop total."""
+    out = {}
+    for name, ops in counts.items():
+        parts = name.split(".", 1)
+        if len(parts) == 2:
+            out[parts[1]] = sum(ops.values())
+    return out
+
+
+def model_info(name: str, img_size: int | None = None, **overrides) -> ModelInfo:
+    """Account params and MACs of a registered variant (at `img_size`, default its own)."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    model = SReT(MODEL_CONFIGS[name], **overrides)
+    size = model.img_size[0]
+    counter = _count(model, None)
+    flops = _strip_root(counter.get_flop_counts())
+    macs_by_component = dict.fromkeys(COMPONENTS, 0)
+    for module, count in flops.items():  # inclusive counts: take the outermost module of each component
+        component = component_of(module)
+        if component and ("." not in module or component_of(module.rsplit(".", 1)[0]) != component):
+            macs_by_component[component] += count // 2
+    params_by_component = dict.fromkeys(COMPONENTS, 0)
+    for pname, p in model.named_parameters():
+        params_by_component[component_of(pname)] += p.numel()
+    return ModelInfo(
+        name=name,
+        img_size=size,
+        params=sum(p.numel() for p in model.parameters()),
+        macs=counter.get_total_flops() // 2,
+        params_by_component=params_by_component,
+        macs_by_component=macs_by_component,
+        macs_by_stage=[flops.get(f"stages.{i}", 0) // 2 for i in range(len(model.stages))],
+        unsliced_macs=count_macs(unsliced_twin(model)),
+    )
+
+
+def describe_stage(stage: StageConfig) -> str:
+    groups = "/".join(str(g) for g in stage.groups)
+    return f"{stage.blocks}x{stage.loops} d{stage.dim} h{stage.heads} g{groups}"
+
+
+def print_zoo(names: list[str] | None = None) -> None:
+    """Rich table of the zoo: params, GMACs and the saving of slicing, all measured now."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="SReT model zoo (MACs for one image)")
+    for col in ("model", "res", "params (M)", "GMACs", "unsliced GMACs", "saving", "layers", "stages"):
+        table.add_column(col, justify="left" if col in ("model", "stages") else "right")
+    for name in names or sorted(MODEL_CONFIGS):
+        info = model_info(name)
+        cfg = MODEL_CONFIGS[name]
+        table.add_row(
+            name,
+            str(info.img_size),
+            f"{info.params / 1e6:.3f}",
+            f"{info.macs / 1e9:.3f}",
+            f"{info.unsliced_macs / 1e9:.3f}",
+            f"{info.slicing_saving:.1%}",
+            str(sum(s.depth for s in cfg.stages)),
+            ", ".join(describe_stage(s) for s in cfg.stages),
+        )
+    Console().print(table)
+
+
+def print_info(info: ModelInfo) -> None:
+    """Rich tables of one model's breakdown."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{info.name} @ {info.img_size}px")
+    for col in ("component", "params", "params %", "MACs (M)", "MACs %"):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for comp in COMPONENTS:
+        p, m = info.params_by_component[comp], info.macs_by_component[comp]
+        table.add_row(comp, f"{p:,}", f"{p / info.params:.1%}", f"{m / 1e6:.1f}", f"{m / info.macs:.1%}")
+    table.add_row("total", f"{info.params:,}", "100%", f"{info.macs / 1e6:.1f}", "100%", style="bold")
+    console.print(table)
+    stages = Table(title="MACs by stage")
+    stages.add_column("stage")
+    stages.add_column("MACs (M)", justify="right")
+    for i, m in enumerate(info.macs_by_stage):
+        stages.add_row(str(i), f"{m / 1e6:.1f}")
+    console.print(stages)
+    console.print(
+        f"sliced: {info.macs / 1e9:.3f} GMACs, unsliced twin: {info.unsliced_macs / 1e9:.3f} GMACs, "
+        f"saving {info.slicing_saving:.1%}"
+    )

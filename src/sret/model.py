@@ -1,0 +1,894 @@
+"""Sliced Recursive Transformer (SReT).
+
+Shen, Liu & Xing, "Sliced Recursive Transformer", ECCV 2022.
+
+A SReT stage owns a few unique transformer blocks and applies each of them several times in a row
+(recursion). The order of applications is data: a :class:`RecursionSchedule` lists, for every
+application, which block runs, which loop of that block it is, into how many groups the tokens are
+sliced for attention, whether the tokens are permuted first, and which non-linear projection layer
+(NLL) follows. Everything else in this file reads that schedule instead of doing index arithmetic.
+
+Layout follows timm's model files: building blocks, then the model, then the checkpoint filter,
+then the pretrained configs and registered constructors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "RecursionSchedule",
+    "SReT",
+    "SReTConfig",
+    "StageConfig",
+    "checkpoint_filter_fn",
+    "official_stages",
+]
+
+Shuffle = Literal["random", "fixed", "none"]
+NLLSharing = Literal["application", "block", "none"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage: `blocks` unique transformer blocks, each applied `loops` times in a row.
+
+    `groups[l]` is the number of token groups used by sliced attention in loop `l` of every block, and
+    `permute[l]` whether the tokens are permuted before grouping in that loop (and restored after).
+    """
+
+    dim: int
+    heads: int
+    blocks: int
+    loops: int = 2
+    groups: tuple[int, ...] = (1, 1)
+    permute: tuple[bool, ...] = (False, False)
+
+    @property
+    def depth(self) -> int:
+        """Number of block applications (transformer layers as executed)."""
+        return self.blocks * self.loops
+
+    def validate(self, index: int) -> None:
+        where = f"stage {index}"
+        if self.dim < 1 or self.heads < 1:
+            raise ValueError(f"{where}: dim ({self.dim}) and heads ({self.heads}) must be positive")
+        if self.dim % self.heads:
+            raise ValueError(f"{where}: heads ({self.heads}) must divide dim ({self.dim})")
+        if self.blocks < 1:
+            raise ValueError(f"{where}: needs at least one unique block, got blocks={self.blocks}")
+        if self.loops < 1:
+            raise ValueError(f"{where}: loops must be >= 1, got {self.loops}")
+        if len(self.groups) != self.loops or len(self.permute) != self.loops:
+            raise ValueError(
+                f"{where}: groups {self.groups} and permute {self.permute} need one entry per loop "
+                f"({self.loops} loops)"
+            )
+        if any(g < 1 for g in self.groups):
+            raise ValueError(f"{where}: group counts must be >= 1, got {self.groups}")
+
+
+def official_stages(
+    base_dims: Sequence[int],
+    heads: Sequence[int],
+    depth: Sequence[int] = (4, 10, 6),
+    recursive_blocks: Sequence[int] = (2, 5, 3),
+    groups1: Sequence[int] = (8, 4, 1),
+    groups2: Sequence[int] = (2, 1, 1),
+) -> tuple[StageConfig, ...]:
+    """Stages as the authors' constructor arguments describe them.
+
+    Each block runs `depth / recursive_blocks` times; the first loop slices into `groups1` groups in
+    row-major order, later loops into `groups2` groups after a token permutation (when groups2 > 1).
+    """
+    stages = []
+    for d, h, n, r, g1, g2 in zip(base_dims, heads, depth, recursive_blocks, groups1, groups2, strict=True):
+        if n % r:
+            raise ValueError(f"depth {n} is not a multiple of the {r} recursive blocks")
+        loops = n // r
+        stages.append(
+            StageConfig(
+                dim=d * h,
+                heads=h,
+                blocks=r,
+                loops=loops,
+                groups=(g1,) + (g2,) * (loops - 1),
+                permute=(False,) + (g2 > 1,) * (loops - 1),
+            )
+        )
+    return tuple(stages)
+
+
+@dataclass(frozen=True)
+class SReTConfig:
+    """Everything that defines a SReT architecture (and the paper's ablations).
+
+    Attributes:
+        stages: per-stage layout, see :class:`StageConfig`.
+        mlp_ratio: hidden width of the block MLP relative to the stage dim.
+        nll_ratio: hidden width of the non-linear projection layer (NLL).
+        nll: how NLLs are shared. 'application': one non-shared NLL after every application (the paper);
+            'block': one NLL per unique block, reused after each of its applications (keeps the
+            parameter count of very deep recursion flat); 'none': no NLL (naive recursion).
+        residual_coefficients: learnable scalars on skip and branch of every residual (the paper);
+            off gives plain `x + branch(x)`.
+        stem: 'conv' (three 3x3 stride-2 convs, stride 8) or 'patch' (one patchify conv, ViT/DeiT style).
+        shuffle: token permutation of permuted loops. 'random' draws a fresh permutation per application
+            while training (the paper); 'fixed' uses a stored seeded permutation per application; 'none'
+            keeps row-major order.
+        random_eval: with shuffle='random', also draw random permutations in eval mode, as the
+            official code does. Off by default, so evaluation is deterministic: the fixed permutation
+            is used instead.
+        perm_seed: seed of the fixed permutations.
+    """
+
+    stages: tuple[StageConfig, ...]
+    mlp_ratio: float = 4.0
+    nll_ratio: float = 1.0
+    nll: NLLSharing = "application"
+    residual_coefficients: bool = True
+    stem: Literal["conv", "patch"] = "conv"
+    patch_size: int = 16
+    img_size: int | tuple[int, int] = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    shuffle: Shuffle = "random"
+    random_eval: bool = False
+    perm_seed: int = 0
+    global_pool: Literal["avg", ""] = "avg"
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise ValueError("a SReT needs at least one stage")
+        for i, stage in enumerate(self.stages):
+            stage.validate(i)
+        if self.mlp_ratio <= 0 or self.nll_ratio <= 0:
+            raise ValueError(f"mlp_ratio ({self.mlp_ratio}) and nll_ratio ({self.nll_ratio}) must be > 0")
+        checks = {
+            "nll": (self.nll, ("application", "block", "none")),
+            "stem": (self.stem, ("conv", "patch")),
+            "shuffle": (self.shuffle, ("random", "fixed", "none")),
+            "global_pool": (self.global_pool, ("avg", "")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.stem == "conv" and self.stages[0].dim % 2:
+            raise ValueError(
+                f"the conv stem halves the first stage dim, which must be even ({self.stages[0].dim})"
+            )
+        if self.in_chans < 1 or self.num_classes < 0:
+            raise ValueError(
+                f"in_chans must be >= 1 and num_classes >= 0 ({self.in_chans}, {self.num_classes})"
+            )
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def stride(self) -> int:
+        """Downsampling of the stem."""
+        return 8 if self.stem == "conv" else self.patch_size
+
+
+# --------------------------------------------------------------------------------------------------
+# The recursion schedule
+# --------------------------------------------------------------------------------------------------
+class Application(NamedTuple):
+    """One execution of a shared block inside a stage."""
+
+    block: int  # index of the unique block applied
+    loop: int  # 0 for the first application of that block, 1 for its first recursion, ...
+    groups: int  # token groups of sliced attention
+    permute: bool  # permute tokens before grouping (and restore them after attention)
+    nll: int | None  # NLL applied afterwards, or None
+    drop_path: float  # stochastic-depth rate of the block
+
+
+@dataclass(frozen=True)
+class RecursionSchedule:
+    """The ordered list of block applications of one stage.
+
+    For each unique block r, for each loop l: apply block r, then an NLL. This is the order of the
+    official implementation and of the paper's Fig. 3.
+    """
+
+    applications: tuple[Application, ...]
+
+    @classmethod
+    def build(cls, stage: StageConfig, nll: NLLSharing, drop_path: Sequence[float]) -> RecursionSchedule:
+        apps = []
+        for r in range(stage.blocks):
+            for loop in range(stage.loops):
+                index = len(apps)
+                nll_index = {"application": index, "block": r, "none": None}[nll]
+                groups, permute = stage.groups[loop], stage.permute[loop] and stage.groups[loop] > 1
+                apps.append(Application(r, loop, groups, permute, nll_index, drop_path[r]))
+        return cls(tuple(apps))
+
+    def __iter__(self):
+        return iter(self.applications)
+
+    def __len__(self) -> int:
+        return len(self.applications)
+
+    @property
+    def num_nlls(self) -> int:
+        return len({a.nll for a in self.applications if a.nll is not None})
+
+
+def drop_path_rates(cfg: SReTConfig) -> list[list[float]]:
+    """Stochastic depth per unique block: rate * (offset_s + r) / sum(depth), as the authors do."""
+    total = sum(s.depth for s in cfg.stages)
+    rates, offset = [], 0
+    for stage in cfg.stages:
+        rates.append([cfg.drop_path_rate * (offset + r) / total for r in range(stage.blocks)])
+        offset += stage.depth
+    return rates
+
+
+# --------------------------------------------------------------------------------------------------
+# Sliced attention
+# --------------------------------------------------------------------------------------------------
+class TokenGroups(NamedTuple):
+    """How N tokens are laid out into `groups` equal slots of `size` for sliced attention.
+
+    gather: slot -> token index (None when the layout is the identity); slots beyond a group's real
+        tokens point at token 0 and are masked out as keys.
+    scatter: token -> slot index (None when the layout is the identity).
+    key_mask: (groups, 1, size) bool, True where the key is a real token (None when all are real).
+    """
+
+    groups: int
+    size: int
+    gather: Tensor | None
+    scatter: Tensor | None
+    key_mask: Tensor | None
+
+
+def token_groups(num_tokens: int, groups: int, perm: Tensor | None) -> TokenGroups:
+    """Slice `num_tokens` tokens (optionally permuted by `perm`) into `groups` contiguous groups.
+
+    Groups get sizes differing by at most one (as torch.tensor_split). When `groups` does not divide the
+    token count the shorter groups are padded; padded keys are masked, so no padding ever enters a real
+    token's attention, and padded queries are dropped by the scatter.
+    """
+    if groups > num_tokens:
+        raise ValueError(f"cannot slice {num_tokens} tokens into {groups} groups")
+    size = -(-num_tokens // groups)
+    if size * groups == num_tokens:
+        if perm is None:
+            return TokenGroups(groups, size, None, None, None)
+        return TokenGroups(groups, size, perm, torch.argsort(perm), None)
+    device = perm.device if perm is not None else None
+    sizes = torch.tensor([len(c) for c in torch.arange(num_tokens).tensor_split(groups)], device=device)
+    slot = torch.arange(size, device=device)
+    key_mask = slot[None, :] < sizes[:, None]  # (groups, size)
+    starts = torch.cumsum(sizes, 0) - sizes
+    position = (starts[:, None] + slot[None, :]).masked_fill(~key_mask, 0).flatten()
+    order = perm if perm is not None else torch.arange(num_tokens, device=device)
+    gather = order[position]
+    slots_of_real = key_mask.flatten().nonzero().squeeze(1)  # slot of the p-th permuted position
+    scatter = torch.empty_like(order)
+    scatter[order] = slots_of_real
+    return TokenGroups(groups, size, gather, scatter, key_mask[:, None, :])
+
+
+class SlicedAttention(nn.Module):
+    """Multi-head self-attention restricted to groups of tokens.
+
+    Groups are folded into the batch so one scaled_dot_product_attention call covers all of them.
+    With one group and no permutation this is plain ViT attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, layout: TokenGroups) -> Tensor:
+        B, _, C = x.shape
+        G, n = layout.groups, layout.size
+        if layout.gather is not None:
+            x = x[:, layout.gather]
+        qkv = self.qkv(x).reshape(B * G, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        mask = None
+        if layout.key_mask is not None:
+            mask = layout.key_mask[None].expand(B, -1, -1, -1).reshape(B * G, 1, 1, n)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
+        x = x.transpose(1, 2).reshape(B, G * n, C)
+        if layout.scatter is not None:
+            x = x[:, layout.scatter]
+        return self.proj_drop(self.proj(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Residuals with learnable coefficients, blocks and NLL
+# --------------------------------------------------------------------------------------------------
+def coefficient(enabled: bool) -> nn.Parameter | None:
+    """A learnable residual scalar, initialised to 1 (None when the ablation turns them off)."""
+    return nn.Parameter(torch.ones(1)) if enabled else None
+
+
+def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor | None, gain: Tensor | None) -> Tensor:
+    """`skip * x + gain * branch`: the paper's learnable residual (plain `x + branch` when disabled)."""
+    if skip is None or gain is None:
+        return x + branch
+    return torch.addcmul(x * skip, branch, gain)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with learnable residual coefficients; shared across loops."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        coefficients: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SlicedAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.attn_skip, self.attn_gain = coefficient(coefficients), coefficient(coefficients)
+        self.mlp_skip, self.mlp_gain = coefficient(coefficients), coefficient(coefficients)
+
+    def forward(self, x: Tensor, layout: TokenGroups) -> Tensor:
+        x = scaled_residual(
+            x, self.drop_path(self.attn(self.norm1(x), layout)), self.attn_skip, self.attn_gain
+        )
+        return scaled_residual(x, self.drop_path(self.mlp(self.norm2(x))), self.mlp_skip, self.mlp_gain)
+
+
+class NonLinearProjection(nn.Module):
+    """The NLL placed between two applications of a shared block, so recursion is not a fixed point."""
+
+    def __init__(self, dim: int, ratio: float, coefficients: bool = True, drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * ratio), act_layer=nn.GELU, drop=drop)
+        self.skip, self.gain = coefficient(coefficients), coefficient(coefficients)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return scaled_residual(x, self.mlp(self.norm(x)), self.skip, self.gain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token permutations
+# --------------------------------------------------------------------------------------------------
+class TokenPermutation(nn.Module):
+    """Permutation of the tokens of one application, for every shuffle mode.
+
+    The fixed permutation is a deterministic function of (seed, token count); it is kept as a
+    non-persistent buffer so checkpoints stay free of it and it follows the model across devices.
+    """
+
+    def __init__(self, seed: int, num_tokens: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.register_buffer("fixed", self._draw(num_tokens), persistent=False)
+
+    def _draw(self, num_tokens: int) -> Tensor:
+        return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(self.seed))
+
+    def forward(self, num_tokens: int, random: bool) -> Tensor:
+        if random:
+            return torch.randperm(num_tokens).to(self.fixed.device)
+        if self.fixed.numel() != num_tokens:  # another resolution: draw once for it
+            self.fixed = self._draw(num_tokens).to(self.fixed.device)
+        return self.fixed
+
+
+# --------------------------------------------------------------------------------------------------
+# Stem, pooling, stage
+# --------------------------------------------------------------------------------------------------
+class ConvStem(nn.Module):
+    """Three 3x3 stride-2 conv-BN-ReLU layers: in_chans -> dim/2 -> dim -> dim, stride 8."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        chans = (in_chans, dim // 2, dim, dim)
+        for i in range(3):
+            self.add_module(f"conv{i + 1}", nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
+            self.add_module(f"bn{i + 1}", nn.BatchNorm2d(chans[i + 1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.relu(self.bn3(self.conv3(x)))
+
+
+class ConvPool(nn.Module):
+    """Depthwise 3x3 stride-2 convolution between stages (PiT pooling without the class token)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class SReTStage(nn.Module):
+    """Unique blocks, NLLs and per-application permutations, run in the order of a RecursionSchedule."""
+
+    def __init__(
+        self,
+        cfg: SReTConfig,
+        index: int,
+        num_tokens: int,
+        drop_path: Sequence[float],
+    ) -> None:
+        super().__init__()
+        stage = cfg.stages[index]
+        self.schedule = RecursionSchedule.build(stage, cfg.nll, drop_path)
+        self.shuffle, self.random_eval = cfg.shuffle, cfg.random_eval
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(
+            Block(
+                stage.dim,
+                stage.heads,
+                cfg.mlp_ratio,
+                cfg.residual_coefficients,
+                cfg.drop_rate,
+                cfg.attn_drop_rate,
+                drop_path[r],
+            )
+            for r in range(stage.blocks)
+        )
+        self.nlls = nn.ModuleList(
+            NonLinearProjection(stage.dim, cfg.nll_ratio, cfg.residual_coefficients, cfg.drop_rate)
+            for _ in range(self.schedule.num_nlls)
+        )
+        self.permutations = nn.ModuleList(
+            TokenPermutation(cfg.perm_seed * 1_000_003 + index * 10_007 + i, num_tokens)
+            for i, app in enumerate(self.schedule)
+            if app.permute
+        )
+        self._layouts: dict[tuple[int, int, str], TokenGroups] = {}
+
+    def _layout(
+        self, app: Application, perm_index: int, num_tokens: int, device: torch.device
+    ) -> TokenGroups:
+        """Grouping (and permutation) of one application; cached unless the permutation is random."""
+        if not app.permute or self.shuffle == "none":
+            key = (num_tokens, app.groups, str(device))
+            if key not in self._layouts:
+                self._layouts[key] = token_groups(num_tokens, app.groups, None)
+            return self._layouts[key]
+        random = self.shuffle == "random" and (self.training or self.random_eval)
+        perm = self.permutations[perm_index](num_tokens, random)
+        if random:
+            return token_groups(num_tokens, app.groups, perm)
+        key = (num_tokens, app.groups, f"{device}:{perm_index}")
+        cached = self._layouts.get(key)
+        if cached is None or cached.gather is None or cached.gather.device != perm.device:
+            cached = self._layouts[key] = token_groups(num_tokens, app.groups, perm)
+        return cached
+
+    def _apply(self, fn, recurse: bool = True):
+        self._layouts = {}  # cached index tensors must follow .to(device)
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        perm_index = 0
+        for app in self.schedule:
+            layout = self._layout(app, perm_index, H * W, x.device)
+            perm_index += app.permute
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._run, x, app, layout, use_reentrant=False)
+            else:
+                x = self._run(x, app, layout)
+        return x.transpose(1, 2).reshape(B, C, H, W)
+
+    def _run(self, x: Tensor, app: Application, layout: TokenGroups) -> Tensor:
+        x = self.blocks[app.block](x, layout)
+        return self.nlls[app.nll](x) if app.nll is not None else x
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _halve(size: int) -> int:
+    """Output size of a 3x3, stride-2, padding-1 convolution."""
+    return (size - 1) // 2 + 1
+
+
+class SReT(nn.Module):
+    """Sliced Recursive Transformer with the timm model API.
+
+    Build from a :class:`SReTConfig`; keyword overrides replace config fields
+    (``SReT(cfg, num_classes=10, img_size=32)``).
+    """
+
+    def __init__(self, cfg: SReTConfig, **overrides) -> None:
+        super().__init__()
+        unknown = set(overrides) - set(SReTConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown SReT options: {sorted(unknown)}")
+        cfg = replace(cfg, **overrides)
+        cfg.validate()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.num_features = self.head_hidden_size = cfg.stages[-1].dim
+        self.img_size = _pair(cfg.img_size)
+        self.grad_checkpointing = False
+
+        dim0 = cfg.stages[0].dim
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.in_chans, dim0)
+            grid = tuple(_halve(_halve(_halve(s))) for s in self.img_size)
+        else:
+            self.patch_embed = PatchEmbed(
+                self.img_size, cfg.patch_size, cfg.in_chans, dim0, flatten=False, strict_img_size=False
+            )
+            grid = tuple(s // cfg.patch_size for s in self.img_size)
+        if min(grid) < 1:
+            raise ValueError(f"img_size {self.img_size} is too small for a stride-{cfg.stride} stem")
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim0, *grid))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+
+        rates = drop_path_rates(cfg)
+        self.stages, self.pools, self.feature_info = nn.ModuleList(), nn.ModuleList(), []
+        reduction = cfg.stride
+        for i, stage in enumerate(cfg.stages):
+            if i:
+                self.pools.append(ConvPool(cfg.stages[i - 1].dim, stage.dim))
+                grid = (_halve(grid[0]), _halve(grid[1]))
+                reduction *= 2
+            self.stages.append(SReTStage(cfg, i, grid[0] * grid[1], rates[i]))
+            self.feature_info.append(dict(num_chs=stage.dim, reduction=reduction, module=f"stages.{i}"))
+
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # The authors re-initialise only LayerNorm; everything else keeps PyTorch's defaults.
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- timm API --------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^pos_embed|^patch_embed",
+            blocks=[(r"^stages\.(\d+)|^pools\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block application (block + its NLL) in backward instead of storing it."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        pos = self.pos_embed
+        if pos.shape[-2:] != x.shape[-2:]:
+            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        return self.pos_drop(x + pos)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stem and all stages; returns the last stage's NCHW map."""
+        x = self._pos_embed(self.patch_embed(x))
+        for i, stage in enumerate(self.stages):
+            if i:
+                x = self.pools[i - 1](x)
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+            x = self.norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs (NCHW, before the following pooling), timm-style.
+
+        Args:
+            indices: last n stages if an int, else the stage indices to return (all by default).
+            norm: unused (SReT normalises only the pooled vector); kept for the timm signature.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"SReT intermediates are NCHW, got output_fmt={output_fmt!r}")
+        take = _feature_indices(len(self.stages), indices)
+        intermediates = []
+        x = self._pos_embed(self.patch_embed(x))
+        last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
+        for i, stage in enumerate(self.stages[: last + 1]):
+            if i:
+                x = self.pools[i - 1](x)
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and head) after the last requested intermediate."""
+        take = _feature_indices(len(self.stages), indices)
+        keep = max(take) + 1
+        self.stages = self.stages[:keep]
+        self.pools = self.pools[: keep - 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _feature_indices(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"cannot take the last {indices} of {num_stages} stages")
+        return list(range(num_stages - indices, num_stages))
+    take = [i % num_stages for i in indices]
+    if any(not -num_stages <= i < num_stages for i in indices):
+        raise ValueError(f"stage indices {list(indices)} out of range for {num_stages} stages")
+    return take
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint filter: the authors' layout -> ours
+# --------------------------------------------------------------------------------------------------
+_OFFICIAL_BLOCK = {
+    "coefficient1.bias": "attn_skip",
+    "coefficient2.bias": "attn_gain",
+    "coefficient3.bias": "mlp_skip",
+    "coefficient4.bias": "mlp_gain",
+}
+_OFFICIAL_NLL = {"norm1.": "norm.", "coefficient1.bias": "skip", "coefficient2.bias": "gain"}
+
+
+def is_official_layout(state_dict: dict[str, Tensor]) -> bool:
+    return any(k.startswith("transformers.") for k in state_dict)
+
+
+def _rename(rest: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        if rest.startswith(old):
+            return new + rest[len(old) :]
+    return rest
+
+
+def convert_official(state_dict: dict[str, Tensor], model: SReT) -> dict[str, Tensor]:
+    """Map `transformers.{s}.blocks.{j}.*` onto our stages through each stage's schedule.
+
+    Even j is application j // 2 of the schedule (its unique block, repeated under every j where it
+    runs); odd j is the NLL after it. Repeated copies of a shared block must be identical.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not key.startswith("transformers."):
+            out[key] = value
+            continue
+        _, s, _, j, rest = key.split(".", 4)
+        s, j = int(s), int(j)
+        if s >= len(model.stages):
+            raise ValueError(f"checkpoint key {key} names stage {s}, the model has {len(model.stages)}")
+        schedule = model.stages[s].schedule.applications
+        if j // 2 >= len(schedule):
+            raise ValueError(f"checkpoint key {key}: stage {s} has only {len(schedule)} applications")
+        app = schedule[j // 2]
+        if j % 2 == 0:
+            new = f"stages.{s}.blocks.{app.block}.{_rename(rest, _OFFICIAL_BLOCK)}"
+        elif app.nll is not None:
+            new = f"stages.{s}.nlls.{app.nll}.{_rename(rest, _OFFICIAL_NLL)}"
+        else:
+            raise ValueError(f"checkpoint key {key} is an NLL, but this model has none")
+        if new in out and not torch.equal(out[new], value):
+            raise ValueError(f"checkpoint key {key} disagrees with an earlier copy of the same shared weight")
+        out[new] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SReT) -> dict[str, Tensor]:
+    """Accept our layout or the authors' (`{'model': ...}`, per-application keys) and fit the resolution."""
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    if is_official_layout(state_dict):
+        state_dict = convert_official(state_dict, model)
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.shape[-2:] != model.pos_embed.shape[-2:]:
+        state_dict["pos_embed"] = F.interpolate(
+            pos.float(), size=model.pos_embed.shape[-2:], mode="bicubic", align_corners=False
+        ).to(pos.dtype)
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------------------
+# Zoo
+# --------------------------------------------------------------------------------------------------
+_NOSLICE = dict(groups1=(1, 1, 1), groups2=(1, 1, 1))
+
+SRET_T = SReTConfig(official_stages((32, 32, 32), (2, 4, 8)), mlp_ratio=3.6, nll_ratio=1.0)
+SRET_LT = SReTConfig(official_stages((32, 32, 32), (2, 4, 8)), mlp_ratio=4.0, nll_ratio=1.0)
+SRET_S = SReTConfig(official_stages((42, 42, 42), (3, 6, 12)), mlp_ratio=3.0, nll_ratio=2.0)
+
+
+def _deep_stages(loops_last: int) -> tuple[StageConfig, ...]:
+    """Very deep recursion: 4 + 36 + 5 * loops_last applications, most of them on the 7x7 last stage."""
+    return (
+        StageConfig(96, 2, blocks=2, loops=2, groups=(8, 2), permute=(False, True)),
+        StageConfig(192, 4, blocks=6, loops=6, groups=(4,) + (1,) * 5, permute=(False,) * 6),
+        StageConfig(
+            384, 8, blocks=5, loops=loops_last, groups=(1,) * loops_last, permute=(False,) * loops_last
+        ),
+    )
+
+
+MODEL_CONFIGS: dict[str, SReTConfig] = {
+    "sret_t": SRET_T,
+    "sret_t_noslice": replace(SRET_T, stages=official_stages((32, 32, 32), (2, 4, 8), **_NOSLICE)),
+    "sret_lt": SRET_LT,
+    "sret_lt_noslice": replace(SRET_LT, stages=official_stages((32, 32, 32), (2, 4, 8), **_NOSLICE)),
+    "sret_s": SRET_S,
+    "sret_s_noslice": replace(SRET_S, stages=official_stages((42, 42, 42), (3, 6, 12), **_NOSLICE)),
+    "sret_t_noslice_384": replace(
+        SRET_T, stages=official_stages((32, 32, 32), (2, 4, 8), **_NOSLICE), img_size=384
+    ),
+    "sret_s_noslice_384": replace(
+        SRET_S, stages=official_stages((42, 42, 42), (3, 6, 12), **_NOSLICE), img_size=384
+    ),
+    "sret_s_noslice_512": replace(
+        SRET_S, stages=official_stages((42, 42, 42), (3, 6, 12), **_NOSLICE), img_size=512
+    ),
+    # Beyond the paper's zoo: a 100- and a 1000-layer recursion, NLLs shared per unique block.
+    "sret_deep_100": SReTConfig(_deep_stages(12), mlp_ratio=4.0, nll_ratio=0.5, nll="block"),
+    "sret_deep_1000": SReTConfig(_deep_stages(192), mlp_ratio=4.0, nll_ratio=0.5, nll="block"),
+    # Small model for small images (the digits/CIFAR demos): stride-8 stem, 32x32 input.
+    "sret_nano": SReTConfig(
+        (
+            StageConfig(32, 2, blocks=1, loops=2, groups=(2, 2), permute=(False, True)),
+            StageConfig(64, 4, blocks=1, loops=2),
+            StageConfig(128, 8, blocks=1, loops=2),
+        ),
+        mlp_ratio=3.0,
+        img_size=32,
+        drop_path_rate=0.0,
+    ),
+}
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.conv1",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def _res(size: int) -> dict:
+    return dict(input_size=(3, size, size), pool_size=(math.ceil(size / 32),) * 2, crop_pct=1.0)
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "sret_t.in1k": _cfg(),
+        "sret_t.distill_in1k": _cfg(),
+        "sret_t_noslice.in1k": _cfg(),
+        "sret_lt.in1k": _cfg(),
+        "sret_lt.distill_in1k": _cfg(),
+        "sret_lt_noslice.in1k": _cfg(),
+        "sret_s.in1k": _cfg(),
+        "sret_s.distill_in1k": _cfg(),
+        "sret_s_noslice.in1k": _cfg(),
+        "sret_t_noslice_384.distill_in1k": _cfg(**_res(384)),
+        "sret_s_noslice_384.distill_in1k": _cfg(**_res(384)),
+        "sret_s_noslice_512.distill_in1k": _cfg(**_res(512)),
+        "sret_deep_100": _cfg(),
+        "sret_deep_1000": _cfg(),
+        "sret_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
+    }
+)
+
+
+def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
+    return build_model_with_cfg(
+        SReT,
+        variant,
+        pretrained,
+        model_cfg=MODEL_CONFIGS[variant],
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2)),
+        **kwargs,
+    )
+
+
+def _register(name: str) -> None:
+    def constructor(pretrained: bool = False, **kwargs) -> SReT:
+        return _create_sret(name, pretrained=pretrained, **kwargs)
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = f"SReT variant `{name}` (see sret.model.MODEL_CONFIGS)."
+    constructor.__module__ = __name__
+    globals()[name] = register_model(constructor)
+
+
+for _name in MODEL_CONFIGS:
+    _register(_name)
