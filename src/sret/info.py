@@ -48,7 +48,8 @@ def _count(model: nn.Module, img_size: int | None) -> FlopCounterMode:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        # grad stays enabled: the counter's module tracker fails on parameters passed as inputs under no_grad
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             model(_input(model, img_size))
     finally:
         model.train(was_training)

@@ -1,0 +1,313 @@
+"""Data sets, transforms and batch mixing for training and evaluating SReT.
+
+Every data set yields ``(image_tensor, label)`` pairs of 3-channel images normalised with the ImageNet
+statistics, so one model and one preprocessing recipe serve all of them and `sret predict` can
+rebuild the evaluation transform from what a run saved. Nothing here downloads: a missing data set is a
+clear error.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad option, unreadable file); shown as one line."""
+
+
+class BadImageError(UserError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What turns an image file into model input; saved with every run so inference matches training."""
+
+    img_size: int = 32
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+    def eval_transform(self) -> Callable:
+        return create_transform(
+            (3, self.img_size, self.img_size),
+            is_training=False,
+            interpolation=self.interpolation,
+            crop_pct=self.crop_pct,
+            mean=self.mean,
+            std=self.std,
+        )
+
+
+@dataclass(frozen=True)
+class Augment:
+    """DeiT-style per-image augmentation (all timm); `enabled=False` uses the evaluation transform."""
+
+    enabled: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.3
+    auto_augment: str | None = None
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+
+    def train_transform(self, pre: Preprocess) -> Callable:
+        if not self.enabled:
+            return pre.eval_transform()
+        return create_transform(
+            (3, pre.img_size, pre.img_size),
+            is_training=True,
+            scale=self.scale,
+            hflip=self.hflip,
+            color_jitter=self.color_jitter,
+            auto_augment=self.auto_augment,
+            interpolation=pre.interpolation,
+            re_prob=self.re_prob,
+            re_mode=self.re_mode,
+            re_count=self.re_count,
+            mean=pre.mean,
+            std=pre.std,
+        )
+
+
+@dataclass
+class DataSplits:
+    """Training and validation sets with their class names."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    bad_images: Any = field(default=None, repr=False)  # shared counter of skipped files, or None
+
+    @property
+    def skipped(self) -> int:
+        return 0 if self.bad_images is None else int(self.bad_images.value)
+
+
+class RGBLoader:
+    """A PIL loader that names the file it cannot read (a class, so worker processes can pickle it)."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+
+    def __call__(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            if self.strict:
+                raise BadImageError(
+                    f"cannot read image {path}: {e} (use --skip-bad-images to skip such files)"
+                ) from None
+            raise _Skip(path, e) from None
+
+
+class _Skip(Exception):
+    def __init__(self, path: str, error: Exception) -> None:
+        super().__init__(path)
+        self.path, self.error = path, error
+
+
+class SkippingImageFolder(Dataset):
+    """An `ImageFolder` that replaces an unreadable image by the next readable one, with a warning.
+
+    The replacement keeps batch shapes and the sampler's bookkeeping intact (no ragged batches, no
+    rank imbalance under DDP). Skips are counted in a process-shared integer so data-loader workers
+    report them to the main process.
+    """
+
+    def __init__(self, root: Path, transform: Callable, counter: Any) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.skipped = counter
+        self.folder = ImageFolder(str(root), transform=transform, loader=RGBLoader(strict=False))
+        self.classes = self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.folder)):
+            try:
+                return self.folder[(index + offset) % len(self.folder)]
+            except _Skip as skip:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                warnings.warn(f"skipping unreadable image {skip.path}: {skip.error}", stacklevel=2)
+        raise UserError(f"no readable image in {self.folder.root}")
+
+
+def _folder(root: Path, transform: Callable, counter: Any) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        if counter is not None:
+            return SkippingImageFolder(root, transform, counter)
+        return ImageFolder(str(root), transform=transform, loader=RGBLoader(strict=True))
+    except FileNotFoundError as e:  # torchvision: no class folders or no images
+        raise UserError(f"{root}: {e}") from None
+
+
+def _digits(pre: Preprocess, val_fraction: float, seed: int) -> DataSplits:
+    """scikit-learn's 8x8 digits, upsampled once with the evaluation transform and held as tensors.
+
+    Per-image augmentation is pointless at this size, and precomputing keeps an epoch well under a
+    second on two CPU cores. The split is stratified with a fixed seed, so `sret eval` finds the same
+    held-out images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    tf = pre.eval_transform()
+    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    images = torch.stack([tf(Image.fromarray(p, mode="L").convert("RGB")) for p in pixels])
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_fraction, stratify=digits.target, random_state=seed
+    )
+    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    return DataSplits(
+        TensorDataset(images[train_idx], labels[train_idx]),
+        TensorDataset(images[val_idx], labels[val_idx]),
+        [str(c) for c in digits.target_names],
+    )
+
+
+def _need_dir(name: str, data_dir: str | Path | None) -> Path:
+    if data_dir is None:
+        raise UserError(f"dataset {name!r} needs --data-dir")
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise UserError(f"data directory not found: {root}")
+    return root
+
+
+def _cifar(name: str, root: Path, train_tf: Callable, eval_tf: Callable) -> DataSplits:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, folder = (CIFAR10, "cifar-10-batches-py") if name == "cifar10" else (CIFAR100, "cifar-100-python")
+    if root.name == folder:
+        root = root.parent
+    try:
+        train = cls(str(root), train=True, transform=train_tf, download=False)
+        val = cls(str(root), train=False, transform=eval_tf, download=False)
+    except RuntimeError:
+        raise UserError(
+            f"{name}: python-format files not found or corrupt in {root / folder} (sret never downloads data)"
+        ) from None
+    return DataSplits(train, val, list(train.classes))
+
+
+def _fashion_mnist(root: Path, train_tf: Callable, eval_tf: Callable) -> DataSplits:
+    from torchvision.datasets import FashionMNIST
+
+    if root.name == "FashionMNIST":
+        root = root.parent
+    rgb = _ToRGB()
+    try:
+        train = FashionMNIST(str(root), train=True, transform=_compose(rgb, train_tf), download=False)
+        val = FashionMNIST(str(root), train=False, transform=_compose(rgb, eval_tf), download=False)
+    except RuntimeError:
+        raise UserError(
+            f"fashion_mnist: idx files not found in {root / 'FashionMNIST' / 'raw'} (sret never downloads)"
+        ) from None
+    return DataSplits(train, val, list(train.classes))
+
+
+class _ToRGB:
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.convert("RGB")
+
+
+def _compose(*fns: Callable) -> Callable:
+    from torchvision.transforms import Compose
+
+    return Compose(list(fns))
+
+
+def subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """A seeded random subset (all classes represented), for quick experiments on big data sets."""
+    if size is None or size >= len(dataset):
+        return dataset
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, perm[:size].tolist())
+
+
+def build_datasets(
+    name: str,
+    data_dir: str | Path | None = None,
+    pre: Preprocess | None = None,
+    augment: Augment | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+) -> DataSplits:
+    """Training and validation sets of a named data set (see `DATASETS`)."""
+    pre = pre or Preprocess()
+    augment = augment or Augment()
+    if name == "digits":
+        return _digits(pre, val_fraction, seed)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    root = _need_dir(name, data_dir)
+    train_tf, eval_tf = augment.train_transform(pre), pre.eval_transform()
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root, train_tf, eval_tf)
+    if name == "fashion_mnist":
+        return _fashion_mnist(root, train_tf, eval_tf)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"imagefolder needs {root / split} with one folder per class")
+    counter = multiprocessing.Value("i", 0) if skip_bad_images else None
+    train = _folder(root / "train", train_tf, counter)
+    val = _folder(root / "val", eval_tf, counter)
+    if list(train.classes) != list(val.classes):
+        raise UserError(f"class folders differ between {root / 'train'} and {root / 'val'}")
+    return DataSplits(train, val, list(train.classes), counter)
+
+
+class WithIndex(Dataset):
+    """Yields `(image, label, index)`, to look up precomputed teacher logits per sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def build_mixup(
+    num_classes: int, mixup: float, cutmix: float, prob: float, switch_prob: float, smoothing: float
+) -> Mixup | None:
+    """timm's Mixup/CutMix (which also applies label smoothing to the mixed targets), or None if off."""
+    if (mixup <= 0 and cutmix <= 0) or prob <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=mixup,
+        cutmix_alpha=cutmix,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode="batch",
+        label_smoothing=smoothing,
+        num_classes=num_classes,
+    )

@@ -1,0 +1,190 @@
+"""Evaluate a trained SReT on a data set, and classify image files with it.
+
+A checkpoint written by `sret train` is self-describing: the safetensors metadata names the model and
+its arguments, and `classes.json` beside it holds the class names and preprocessing, so neither
+command needs the training config repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from sret.data import Preprocess, RGBLoader, UserError, build_datasets
+
+
+@torch.no_grad()
+def collect_logits(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[Tensor, Tensor]:
+    """Float32 logits and labels of every batch, on the CPU, in loader order."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for batch in loader:
+        with autocast():
+            outs.append(model(batch[0].to(device, non_blocking=True)).float().cpu())
+        labels.append(batch[1])
+    model.train(was_training)
+    if not outs:
+        raise UserError("the evaluation set is empty")
+    return torch.cat(outs), torch.cat(labels).long()
+
+
+@dataclass
+class Trained:
+    """A model rebuilt from a checkpoint, with what is needed to feed it."""
+
+    model: nn.Module
+    classes: list[str]
+    pre: Preprocess
+    run_config: dict[str, Any]
+
+
+def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
+    """Rebuild the model from safetensors metadata and read `classes.json` / `config.yaml` beside it."""
+    from sret.checkpoint import create_model, read_metadata
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+    if "model_name" not in meta:
+        raise UserError(f"{path} does not say which model it holds (not written by `sret train`)")
+    model = create_model(meta["model_name"], checkpoint_path=path, **meta.get("model_args", {}))
+    info_path = path.parent / "classes.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    num_classes = meta.get("model_args", {}).get("num_classes", getattr(model, "num_classes", 0))
+    classes = info.get("classes") or [str(i) for i in range(num_classes)]
+    pre_values = info.get("preprocess", {})
+    pre_values = {k: tuple(v) if isinstance(v, list) else v for k, v in pre_values.items()}
+    pre = (
+        Preprocess(**pre_values) if pre_values else Preprocess(img_size=getattr(model, "img_size", (224,))[0])
+    )
+    config_path = path.parent / "config.yaml"
+    run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    return Trained(model.to(device).eval(), classes, pre, run_config or {})
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc1: float
+    acc5: float
+    per_class: list[float]
+    confusion: Tensor
+    classes: list[str]
+
+
+def evaluate(
+    checkpoint: str | Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    confusion_png: str | Path | None = None,
+    skip_bad_images: bool = False,
+) -> EvalResult:
+    """Top-1/top-5, loss, per-class accuracy and confusion matrix on a data set's validation split.
+
+    The data set, folder, split seed and validation fraction default to the run's own, so
+    `sret eval runs/x/best.safetensors` scores exactly the held-out images of that run.
+    """
+    trained = load_trained(checkpoint, device)
+    cfg = trained.run_config
+    dataset = dataset or cfg.get("dataset")
+    if dataset is None:
+        raise UserError("which data set? pass --dataset")
+    if data_dir is None and dataset == cfg.get("dataset"):
+        data_dir = cfg.get("data_dir")
+    splits = build_datasets(
+        dataset,
+        data_dir,
+        trained.pre,
+        val_fraction=cfg.get("val_fraction", 0.2),
+        seed=cfg.get("seed", 0),
+        skip_bad_images=skip_bad_images,
+    )
+    if len(splits.classes) != len(trained.classes):
+        raise UserError(
+            f"{dataset} has {len(splits.classes)} classes, the model predicts {len(trained.classes)}"
+        )
+    loader = DataLoader(splits.val, batch_size=batch_size)
+    logits, labels = collect_logits(trained.model, loader, torch.device(device))
+    return score(logits, labels, trained.classes, confusion_png)
+
+
+def score(logits: Tensor, labels: Tensor, classes: list[str], confusion_png: str | Path | None) -> EvalResult:
+    from sklearn.metrics import confusion_matrix
+
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    n = len(classes)
+    cm = torch.as_tensor(confusion_matrix(labels.numpy(), top[:, 0].numpy(), labels=list(range(n))))
+    support = cm.sum(1).clamp(min=1)
+    result = EvalResult(
+        loss=float(F.cross_entropy(logits, labels)),
+        acc1=float((top[:, 0] == labels).float().mean()),
+        acc5=float((top == labels[:, None]).any(1).float().mean()),
+        per_class=(cm.diag() / support).tolist(),
+        confusion=cm,
+        classes=classes,
+    )
+    if confusion_png is not None:
+        plot_confusion(cm, classes, Path(confusion_png))
+    return result
+
+
+def plot_confusion(cm: Tensor, classes: list[str], path: Path) -> None:
+    """Confusion matrix image via scikit-learn's display (labels shown up to 30 classes)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    from sret.checkpoint import atomic_write
+
+    n = len(classes)
+    size = min(4 + 0.45 * n, 24)
+    fig = Figure(figsize=(size, size), layout="constrained")
+    ax = fig.subplots()
+    labels = classes if n <= 30 else None
+    ConfusionMatrixDisplay(cm.numpy(), display_labels=labels).plot(
+        ax=ax, include_values=n <= 20, xticks_rotation="vertical", colorbar=False
+    )
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def predict(
+    checkpoint: str | Path, images: list[str | Path], topk: int = 5, device: str = "cpu"
+) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) for each image file."""
+    trained = load_trained(checkpoint, device)
+    tf, load = trained.pre.eval_transform(), RGBLoader(strict=True)
+    batch = []
+    for image in images:
+        if not Path(image).is_file():
+            raise UserError(f"image not found: {image}")
+        batch.append(tf(load(str(image))))
+    with torch.no_grad():
+        probs = trained.model(torch.stack(batch).to(device)).float().softmax(-1).cpu()
+    k = min(topk, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [
+        [(trained.classes[i], float(p)) for p, i in zip(vs.tolist(), ids.tolist(), strict=True)]
+        for vs, ids in zip(values, indices, strict=True)
+    ]

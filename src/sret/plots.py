@@ -1,0 +1,68 @@
+"""What a run leaves to look at: metrics per epoch (JSONL), curves (PNG) and TensorBoard logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sret.checkpoint import atomic_write
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Loss, accuracy and learning rate per epoch, side by side (matplotlib, no display needed)."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    loss, acc, lr = fig.subplots(1, 3)
+    loss.plot(epochs, [r["train_loss"] for r in history], label="train")
+    loss.plot(epochs, [r["val_loss"] for r in history], label="val")
+    acc.plot(epochs, [r["train_acc"] for r in history], label="train")
+    acc.plot(epochs, [r["val_acc1"] for r in history], label="val top-1")
+    if "ema_val_acc1" in history[0]:
+        acc.plot(epochs, [r["ema_val_acc1"] for r in history], label="val top-1 (EMA)")
+    lr.plot(epochs, [r["lr"] for r in history])
+    for ax, title in ((loss, "loss"), (acc, "accuracy"), (lr, "learning rate (epoch start)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    loss.legend()
+    acc.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+class MetricsLog:
+    """Keeps `metrics.jsonl`, `curves.png` and TensorBoard in step with the run's history.
+
+    The JSONL file is rewritten from the history stored in the checkpoint, so after a crash and
+    resume it never holds an epoch twice; TensorBoard purges events past the resumed epoch.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_epoch: int = 0) -> None:
+        self.dir, self.enabled, self.logged = run_dir, enabled, purge_epoch
+        self.tb: Any = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                return
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_epoch + 1)
+
+    def write(self, history: list[dict[str, float]]) -> None:
+        if not self.enabled or not history:
+            return
+        text = "".join(json.dumps(row) + "\n" for row in history)
+        atomic_write(self.dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        plot_curves(history, self.dir / "curves.png")
+        if self.tb is not None:
+            for row in history[self.logged :]:
+                for key, value in row.items():
+                    if key != "epoch":
+                        self.tb.add_scalar(key, value, int(row["epoch"]))
+            self.tb.flush()
+        self.logged = len(history)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

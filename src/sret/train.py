@@ -1,0 +1,809 @@
+"""Train SReT with the DeiT recipe, from one CPU process to many GPUs under torchrun.
+
+Every ingredient comes from timm or torch (optimizer, schedule, EMA, mixup, losses, DDP); this module
+only wires them together and adds what a long run needs: a run folder, atomic checkpoints, exact
+resume, a NaN guard and a progress display.
+
+Exact resume rests on three facts: the data order of an epoch is a function of (seed, epoch) only
+(DistributedSampler plus a per-epoch generator for worker seeds), all random number generators are
+saved with every checkpoint, and the learning-rate schedule is a pure function of the update count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from sret.data import Augment, Preprocess, UserError, WithIndex, build_datasets, build_mixup, subset
+
+RECIPES = Path(__file__).parent / "recipes"
+STATE_FILE = "last_state.pt"
+TIME_KEYS = ("time_s", "img_per_s")  # the only metrics that differ between identical runs
+
+
+class TrainingError(UserError):
+    """The run cannot go on (non-finite loss); the last checkpoint is intact."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved resolved as `config.yaml` and reloaded by `--resume`."""
+
+    # data and model
+    model: str = "sret_nano"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    img_size: int = 32
+    crop_pct: float = 1.0
+    val_fraction: float = 0.2
+    train_subset: int | None = None
+    val_subset: int | None = None
+    skip_bad_images: bool = False
+    checkpoint: str | None = None
+    drop_path: float = 0.0
+    drop: float = 0.0
+    shuffle: str | None = None
+    grad_checkpointing: bool = False
+    # optimisation
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_base_batch: int | None = None
+    min_lr: float = 1e-5
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
+    sched: str = "cosine"
+    opt: str = "adamw"
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    # regularisation
+    smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    augment: bool = True
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.3
+    aa: str | None = None
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    model_ema: bool = False
+    model_ema_decay: float = 0.99996
+    # distillation
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_logits: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 1.0
+    # run
+    amp: str = "none"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    threads: int | None = None
+    output: str = "runs"
+    name: str | None = None
+    save_every_steps: int = 0
+
+    @property
+    def effective_lr(self) -> float:
+        """`lr`, scaled linearly with the batch when `lr_base_batch` is set (DeiT: 5e-4 per 512)."""
+        return self.lr * self.batch_size / self.lr_base_batch if self.lr_base_batch else self.lr
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise UserError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            raise UserError("distill_alpha must be in [0, 1] and distill_temperature > 0")
+        if self.teacher and self.teacher_logits:
+            raise UserError("give either a teacher or precomputed teacher logits, not both")
+        if self.teacher_logits and (self.mixup > 0 or self.cutmix > 0):
+            raise UserError("precomputed teacher logits are for unmixed images: set mixup=0 and cutmix=0")
+        if self.shuffle not in (None, "random", "fixed", "none"):
+            raise UserError(f"shuffle must be random, fixed or none, got {self.shuffle!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config option(s): {', '.join(unknown)}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return cls(**{k: _coerce(k, types[k], v) for k, v in values.items()})
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """Check a YAML/CLI value against the field type (YAML reads `5e-4` as text, so convert numbers)."""
+    try:
+        if value is None:
+            if "None" not in kind:
+                raise ValueError
+            return None
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("int"):
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind.startswith("list"):
+            return [float(v) for v in value]
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option {name}: expected {kind}, got {value!r}") from None
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A shipped recipe by name (see `src/sret/recipes`) or any YAML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPES / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise UserError(f"recipe not found: {name_or_path} (shipped: {shipped})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse recipe {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path} must be a mapping of option: value")
+    return values
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs from `--set`; values are read as YAML (numbers, booleans, lists, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def resolve_config(
+    recipe: str | None = "digits", sets: list[str] | None = None, **overrides: Any
+) -> TrainConfig:
+    """Recipe, then `--set` pairs, then explicit options (None means not given)."""
+    values = load_recipe(recipe) if recipe else {}
+    values.update(parse_sets(sets or []))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes, devices and random state
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """One process, or DDP when launched by torchrun (nccl on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device cuda requested but no GPU is available")
+        if world > 1:
+            dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """All generator states as tensors and primitives (loadable with `weights_only=True`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum floats over ranks (float64, so counts and sums stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if d.world_size > 1:
+        t = t.to(d.device)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------------
+class EpochSampler(Sampler[int]):
+    """This rank's share of a (seed, epoch)-determined permutation, optionally from a later batch.
+
+    DistributedSampler gives the global order (rank r takes every world_size-th index, so the union
+    of the ranks' batches equals the one-process batch); starting from a batch lets a run resume
+    mid-epoch on exactly the samples it had not seen.
+    """
+
+    def __init__(self, dataset: Dataset, d: Dist, seed: int, batch_size: int) -> None:
+        self.inner = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = start_batch * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.inner)[self.skip :])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation
+# --------------------------------------------------------------------------------------------------
+def soft_distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) on temperature-softened logits, scaled by T² (Hinton et al.)."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """A frozen teacher: one of our checkpoints, an SReT name plus weights, or any timm model."""
+    import timm
+
+    from sret.checkpoint import create_model, read_metadata
+    from sret.model import MODEL_CONFIGS
+
+    name, weights = cfg.teacher, cfg.teacher_checkpoint
+    if Path(name).suffix in (".safetensors", ".pth", ".pt"):
+        if not Path(name).is_file():
+            raise UserError(f"teacher checkpoint not found: {name}")
+        meta = read_metadata(name)
+        if "model_name" not in meta:
+            raise UserError(
+                f"{name} does not name its model: use --teacher NAME --set teacher_checkpoint=FILE"
+            )
+        teacher = create_model(meta["model_name"], checkpoint_path=name, **meta.get("model_args", {}))
+    elif name.split(".", 1)[0] in MODEL_CONFIGS:
+        if weights is None:
+            raise UserError(f"teacher {name} needs weights: --set teacher_checkpoint=FILE")
+        teacher = create_model(name, checkpoint_path=weights, num_classes=num_classes, img_size=cfg.img_size)
+    else:
+        overlay = {"file": weights} if weights else None
+        try:
+            teacher = timm.create_model(
+                name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+            )
+        except RuntimeError as e:
+            raise UserError(f"cannot create teacher {name!r}: {e}") from None
+    out = getattr(teacher, "num_classes", num_classes)
+    if out != num_classes:
+        raise UserError(f"teacher predicts {out} classes, the data set has {num_classes}")
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def load_teacher_logits(path: str, num_samples: int, num_classes: int) -> Tensor:
+    """Precomputed teacher logits, one row per training sample in data-set order."""
+    from sret.checkpoint import load_state
+
+    try:
+        state = load_state(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    logits = state.get("logits")
+    if logits is None or tuple(logits.shape) != (num_samples, num_classes):
+        shape = None if logits is None else tuple(logits.shape)
+        raise UserError(
+            f"{path}: expected a 'logits' tensor of shape {(num_samples, num_classes)}, got {shape}"
+        )
+    return logits.float()
+
+
+def compute_teacher_logits(cfg: TrainConfig, out: str | os.PathLike, batch_size: int = 256) -> Path:
+    """Run the teacher once over the training set (data-set order, no augmentation) for `teacher_logits`.
+
+    Training with the file then skips the teacher's forward pass; the price is that the student's
+    images must be unaugmented too, which `sret train` enforces when `teacher_logits` is set.
+    """
+    from safetensors.torch import save_file
+
+    from sret.checkpoint import atomic_write
+    from sret.evaluate import collect_logits
+
+    if not cfg.teacher:
+        raise UserError("which teacher? pass --teacher NAME_OR_CHECKPOINT")
+    if Path(out).suffix != ".safetensors":
+        raise UserError(f"teacher logits are written as safetensors: name the file *.safetensors, not {out}")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    pre = Preprocess(img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+    plain = Augment(enabled=False)
+    data = build_datasets(
+        cfg.dataset, cfg.data_dir, pre, plain, cfg.val_fraction, cfg.seed, cfg.skip_bad_images
+    )
+    train = subset(data.train, cfg.train_subset, cfg.seed)
+    teacher = build_teacher(cfg, len(data.classes), device)
+    loader = DataLoader(train, batch_size=batch_size, num_workers=cfg.workers)
+    logits, _ = collect_logits(teacher, loader, device)
+    atomic_write(out, lambda tmp: save_file({"logits": logits.contiguous()}, tmp))
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+class Run:
+    """One training run: builds everything from the config, then trains, validates and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, console: Any) -> None:
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        from sret.checkpoint import create_model
+
+        self.cfg, self.dir, self.d, self.console = cfg, run_dir, d, console
+        self.pre = Preprocess(img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+        augment = Augment(
+            enabled=cfg.augment and not cfg.teacher_logits,
+            scale=tuple(cfg.scale),
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            auto_augment=cfg.aa,
+            re_prob=cfg.reprob,
+            re_mode=cfg.remode,
+            re_count=cfg.recount,
+        )
+        data = build_datasets(
+            cfg.dataset, cfg.data_dir, self.pre, augment, cfg.val_fraction, cfg.seed, cfg.skip_bad_images
+        )
+        self.data, self.classes = data, data.classes
+        train = subset(data.train, cfg.train_subset, cfg.seed)
+        val = subset(data.val, cfg.val_subset, cfg.seed)
+        if cfg.batch_size % d.world_size:
+            raise UserError(f"batch_size {cfg.batch_size} is not divisible by {d.world_size} processes")
+        self.batch = cfg.batch_size // d.world_size
+        if len(train) < cfg.batch_size:
+            raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
+
+        seed_all(cfg.seed)  # identical initial weights on every rank
+        self.model_args = dict(num_classes=len(self.classes), img_size=cfg.img_size)
+        options = dict(drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
+        if cfg.shuffle:
+            self.model_args["shuffle"] = cfg.shuffle
+        model = create_model(cfg.model, checkpoint_path=cfg.checkpoint, **self.model_args, **options)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing()
+        model.to(d.device)
+        self.model = model
+        self.optimizer = create_optimizer_v2(
+            model, opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay
+        )
+        self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+        if d.world_size > 1:
+            if d.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device] if d.device.type == "cuda" else None
+            )
+        self.net = model
+
+        self.teacher = build_teacher(cfg, len(self.classes), d.device) if cfg.teacher else None
+        self.logits = None
+        if cfg.teacher_logits:
+            self.logits = load_teacher_logits(cfg.teacher_logits, len(train), len(self.classes))
+            train = WithIndex(train)
+
+        self.sampler = EpochSampler(train, d, cfg.seed, self.batch)
+        self.generator = torch.Generator()
+        self.train_loader = DataLoader(
+            train,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            drop_last=True,  # equal batches on every rank; mixup needs even batch sizes
+            generator=self.generator,
+            pin_memory=d.device.type == "cuda",
+        )
+        self.val_loader = DataLoader(
+            Subset(val, range(d.rank, len(val), d.world_size)), batch_size=self.batch, num_workers=cfg.workers
+        )
+        self.steps = len(self.sampler) // self.batch
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer,
+            sched=cfg.sched,
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=self.steps,
+        )
+        self.mixup = build_mixup(
+            len(self.classes), cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing
+        )
+        if self.mixup:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        if cfg.amp == "fp16" and d.device.type != "cuda":
+            raise UserError("amp fp16 needs a GPU; use --amp bf16 on CPU")
+
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.best_acc1 = -1.0
+        self.history: list[dict[str, float]] = []
+        self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n of the epoch so far (over all ranks)
+        seed_all(cfg.seed + d.rank)
+
+    # ---- state -----------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.d.device.type, dtype=dtype)
+
+    def save(self, sums: list[float], best: bool = False) -> None:
+        """Weights (safetensors) then the training state, each written atomically; rank 0 only."""
+        from sret.checkpoint import atomic_write, save_weights
+
+        rngs = [None] * self.d.world_size
+        if self.d.world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if not self.d.main:
+            return
+        save_weights(self.model, self.dir / "last.safetensors", self.cfg.model, self.model_args)
+        if best:
+            save_weights(self.model, self.dir / "best.safetensors", self.cfg.model, self.model_args)
+        if self.ema is not None:
+            save_weights(self.ema.module, self.dir / "last_ema.safetensors", self.cfg.model, self.model_args)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "best_acc1": self.best_acc1,
+            "history": self.history,
+            "sums": sums,
+            "rng": rngs,
+            "world_size": self.d.world_size,
+        }
+        atomic_write(self.dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+    def load(self) -> None:
+        path = self.dir / STATE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read training state {path}: {e}") from None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.best_acc1, self.history = state["best_acc1"], state["history"]
+        self.sums = state["sums"] if self.d.main else [0.0, 0.0, 0.0]
+        rngs = state["rng"]
+        set_rng_state(rngs[self.d.rank] if len(rngs) == self.d.world_size else rngs[0])
+        self.scheduler.step_update(self.global_step)
+
+    # ---- one epoch -------------------------------------------------------------------------------
+    def train_epoch(self, progress: Any) -> tuple[float, float, float, float]:
+        """Train from `self.step` to the end of `self.epoch`; returns loss, acc, images/s, seconds."""
+        cfg, d = self.cfg, self.d
+        self.net.train()
+        self.sampler.set_epoch(self.epoch, self.step)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + self.epoch)  # worker seeds per (seed, epoch)
+        loss_sum, correct, seen = self.sums if self.step else (0.0, 0.0, 0.0)
+        task = progress.add_task(
+            f"epoch {self.epoch + 1}/{cfg.epochs}",
+            total=self.steps,
+            completed=self.step,
+            loss=0.0,
+            acc=0.0,
+            rate=0.0,
+        )
+        start, images_done = time.perf_counter(), 0
+        for batch in self.train_loader:
+            loss, n, hits = self.train_step(batch)
+            loss_sum, correct, seen = loss_sum + loss * n, correct + hits, seen + n
+            self.step += 1
+            self.global_step += 1
+            images_done += n * d.world_size
+            rate = images_done / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, advance=1, loss=loss, acc=correct / seen, rate=rate)
+            if (
+                cfg.save_every_steps
+                and self.global_step % cfg.save_every_steps == 0
+                and self.step < self.steps
+            ):
+                self.save(self._epoch_sums(loss_sum, correct, seen))
+        progress.remove_task(task)  # the epoch summary line is the lasting record
+        loss_sum, correct, seen = self._epoch_sums(loss_sum, correct, seen)
+        elapsed = time.perf_counter() - start
+        return loss_sum / seen, correct / seen, images_done / max(elapsed, 1e-9), elapsed
+
+    def _epoch_sums(self, loss_sum: float, correct: float, seen: float) -> list[float]:
+        """Epoch totals over all ranks; rank 0 carries a resumed run's earlier part, so sum once."""
+        return all_sum([loss_sum, correct, seen], self.d)
+
+    def train_step(self, batch: list[Tensor]) -> tuple[float, int, int]:
+        cfg, dev = self.cfg, self.d.device
+        images, labels = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        with self.autocast():
+            out = self.net(images)
+            loss = self.criterion(out, targets)
+            teacher = self._teacher_logits(images, batch)
+            if teacher is not None:
+                kd = soft_distillation_loss(out, teacher, cfg.distill_temperature)
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+        self._check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad:
+            from timm.utils import dispatch_clip_grad
+
+            dispatch_clip_grad(self.model.parameters(), cfg.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step_update(self.global_step + 1)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step + 1)
+        hits = int((out.argmax(-1) == labels).sum())
+        return float(loss.detach()), len(labels), hits
+
+    def _teacher_logits(self, images: Tensor, batch: list[Tensor]) -> Tensor | None:
+        if self.teacher is not None:
+            with torch.no_grad():
+                return self.teacher(images)
+        if self.logits is not None:
+            return self.logits[batch[2]].to(images.device)
+        return None
+
+    def _check_finite(self, loss: Tensor) -> None:
+        bad = all_sum([0.0 if torch.isfinite(loss.detach()).item() else 1.0], self.d)[0]
+        if bad:
+            kept = (
+                f"the last good checkpoint in {self.dir} is kept"
+                if (self.dir / STATE_FILE).exists()
+                else "no checkpoint had been written yet"
+            )
+            raise TrainingError(
+                f"loss is {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step + 1}: stopping; "
+                f"{kept} (try a lower lr or --set clip_grad=1.0)"
+            )
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> tuple[float, float, float]:
+        """Loss, top-1 and top-5 over the whole validation set (each rank a disjoint shard)."""
+        from sret.evaluate import collect_logits
+
+        logits, labels = collect_logits(model, self.val_loader, self.d.device, self.autocast)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        sums = [
+            float(F.cross_entropy(logits, labels, reduction="sum")),
+            float((top[:, 0] == labels).sum()),
+            float((top == labels[:, None]).any(1).sum()),
+            float(len(labels)),
+        ]
+        loss, c1, c5, n = all_sum(sums, self.d)
+        return loss / n, c1 / n, c5 / n
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        from sret.plots import MetricsLog
+
+        log = MetricsLog(self.dir, self.d.main, purge_epoch=self.epoch)
+        log.write(self.history)
+        try:
+            with make_progress(self.console, self.d.main) as progress:
+                while self.epoch < self.cfg.epochs:
+                    self.history.append(self.run_epoch(progress))
+                    improved = self.history[-1]["val_acc1"] > self.best_acc1
+                    self.best_acc1 = max(self.best_acc1, self.history[-1]["val_acc1"])
+                    self.epoch, self.step = self.epoch + 1, 0
+                    self.save([0.0, 0.0, 0.0], best=improved)
+                    log.write(self.history)
+                    if self.d.main:
+                        self.console.print(summary_line(self.history[-1], self.cfg.epochs))
+        finally:
+            log.close()
+        if self.data.skipped and self.d.main:
+            self.console.print(f"[yellow]skipped {self.data.skipped} unreadable image(s)[/]")
+        return self.history[-1] if self.history else {}
+
+    def run_epoch(self, progress: Any) -> dict[str, float]:
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss, train_acc, rate, seconds = self.train_epoch(progress)
+        val_loss, acc1, acc5 = self.validate(self.net)
+        row = dict(
+            epoch=self.epoch + 1,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc1=acc1,
+            val_acc5=acc5,
+            lr=lr,
+            time_s=seconds,
+            img_per_s=rate,
+        )
+        if self.ema is not None:
+            row["ema_val_loss"], row["ema_val_acc1"], _ = self.validate(self.ema.module)
+        return row
+
+
+def make_progress(console: Any, enabled: bool) -> Any:
+    """A per-epoch bar with loss, accuracy, images/s and ETA (rich)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  {task.fields[rate]:.0f} img/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def summary_line(row: dict[str, float], epochs: int) -> str:
+    ema = f"  ema acc1 {row['ema_val_acc1']:.4f}" if "ema_val_acc1" in row else ""
+    return (
+        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+        f"val loss {row['val_loss']:.4f} acc1 {row['val_acc1']:.4f} acc5 {row['val_acc5']:.4f}{ema}  "
+        f"lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  {row['time_s']:.1f}s"
+    )
+
+
+def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
+    name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if d.world_size > 1:  # one name for all ranks
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    run_dir = Path(cfg.output) / name
+    if (run_dir / STATE_FILE).exists():
+        raise UserError(
+            f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --name"
+        )
+    return run_dir
+
+
+def _write_run_files(run: Run, cfg: TrainConfig) -> None:
+    from sret.checkpoint import atomic_write
+
+    run.dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(asdict(cfg), sort_keys=False)
+    atomic_write(run.dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    info = {"classes": run.classes, "preprocess": asdict(run.pre), "dataset": cfg.dataset}
+    atomic_write(run.dir / "classes.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+
+
+def train(
+    cfg: TrainConfig | None = None, resume: str | os.PathLike | None = None, console: Any = None
+) -> Path:
+    """Train (or resume) a run; returns the run folder. Raises `UserError` for user-fixable problems."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"not a run folder (no config.yaml): {run_dir}")
+        cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = cfg or resolve_config()
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # fewer threads than cores helps on a busy machine
+    d = setup_distributed(cfg.device)
+    try:
+        if resume is None:
+            run_dir = _new_run_dir(cfg, d)
+        run = Run(cfg, run_dir, d, console)
+        if resume is not None and (run_dir / STATE_FILE).is_file():
+            run.load()
+        elif d.main:  # a new run, or one killed before its first checkpoint: start from the beginning
+            _write_run_files(run, cfg)
+        if d.main:
+            console.print(
+                f"run {run_dir}: {cfg.model} on {cfg.dataset} ({len(run.classes)} classes), "
+                f"{cfg.epochs} epochs x {run.steps} steps, batch {cfg.batch_size}, {d.world_size}x {d.device}"
+            )
+        final = run.fit()
+        if d.main and final:
+            console.print(f"done: best val acc1 {run.best_acc1:.4f}, weights in {run_dir}")
+    finally:
+        if d.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return run_dir
+
+
+def final_metrics(run_dir: str | os.PathLike) -> dict[str, float]:
+    """The last epoch's metrics of a run, without timings (identical for identical runs)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(lines[-1])
+    return {k: v for k, v in row.items() if k not in TIME_KEYS}

@@ -1,0 +1,130 @@
+"""Data sets: embedded digits, image folders with bad files, missing data, the shared real data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sret.data import BadImageError, UserError, build_datasets, build_mixup, subset
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_digits_split_is_stratified_fixed_and_model_sized() -> None:
+    a, b = build_datasets("digits"), build_datasets("digits")
+    assert (len(a.train), len(a.val)) == (1437, 360)
+    assert a.classes == [str(i) for i in range(10)]
+    assert torch.equal(a.val.tensors[0], b.val.tensors[0])
+    image, label = a.train[0]
+    assert image.shape == (3, 32, 32) and 0 <= int(label) < 10
+    per_class = Counter(a.val.tensors[1].tolist())
+    assert min(per_class.values()) >= 35 and max(per_class.values()) <= 37
+    other = build_datasets("digits", seed=1)
+    assert not torch.equal(a.val.tensors[1], other.val.tensors[1])
+
+
+def _image_folder(root: Path, corrupt: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    if corrupt:
+        (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def test_image_folder_names_a_corrupt_file(tmp_path: Path) -> None:
+    splits = build_datasets("imagefolder", _image_folder(tmp_path))
+    assert splits.classes == ["cat", "dog"] and len(splits.train) == 7
+    with pytest.raises(BadImageError, match=r"broken\.png"):
+        [splits.train[i] for i in range(len(splits.train))]
+
+
+def test_image_folder_skips_and_counts_bad_files(tmp_path: Path) -> None:
+    splits = build_datasets("imagefolder", _image_folder(tmp_path), skip_bad_images=True)
+    with pytest.warns(UserWarning, match=r"broken\.png"):
+        items = [splits.train[i] for i in range(len(splits.train))]
+    assert all(img.shape == (3, 32, 32) for img, _ in items)
+    assert splits.skipped == 1
+
+
+def test_training_skips_bad_images_end_to_end(tmp_path: Path) -> None:
+    from sret.train import final_metrics, resolve_config, train
+
+    data = _image_folder(tmp_path / "data")
+    cfg = resolve_config(
+        "digits", dataset="imagefolder", data_dir=str(data), batch_size=2, epochs=1, threads=1,
+        output=str(tmp_path / "runs"), name="r", skip_bad_images=True, warmup_epochs=0,
+    )
+    with pytest.warns(UserWarning, match=r"broken\.png"):
+        run = train(cfg)
+    assert 0.0 <= final_metrics(run)["val_acc1"] <= 1.0
+    strict = resolve_config("digits", dataset="imagefolder", data_dir=str(data), batch_size=7, epochs=1,
+                            output=str(tmp_path / "runs"), name="strict", threads=1)
+    with pytest.raises(BadImageError, match=r"broken\.png"):
+        train(strict)
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "message"),
+    [
+        ("cifar10", "empty", "never downloads"),
+        ("cifar100", "empty", "never downloads"),
+        ("fashion_mnist", "empty", "never downloads"),
+        ("imagefolder", "empty", "train"),
+        ("svhn", "empty", "unknown dataset"),
+    ],
+)
+def test_missing_data_is_a_clear_error(tmp_path: Path, name: str, layout: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build_datasets(name, tmp_path)
+
+
+def test_mixup_is_timm_and_optional() -> None:
+    assert build_mixup(10, 0.0, 0.0, 1.0, 0.5, 0.1) is None
+    mix = build_mixup(10, 0.8, 1.0, 1.0, 0.5, 0.1)
+    _, y = mix(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert y.shape == (4, 10) and torch.allclose(y.sum(1), torch.ones(4))
+
+
+@pytest.mark.skipif(not (SHARED / "fashion_mnist").is_dir(), reason="../shared/data absent")
+def test_fashion_mnist_from_idx_files() -> None:
+    splits = build_datasets("fashion_mnist", SHARED / "fashion_mnist")
+    assert (len(splits.train), len(splits.val)) == (60000, 10000)
+    assert splits.classes[0] == "T-shirt/top" and len(splits.classes) == 10
+    small = subset(splits.train, 50, 0)
+    labels = [small[i][1] for i in range(len(small))]
+    assert small[0][0].shape == (3, 32, 32) and len(set(labels)) >= 5
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10_jpeg").is_dir(), reason="../shared/data absent")
+def test_cifar10_jpeg_image_folder() -> None:
+    splits = build_datasets("imagefolder", SHARED / "cifar10_jpeg")
+    assert (len(splits.train), len(splits.val)) == (50000, 10000)
+    assert splits.classes == [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    ]
+    image, label = splits.val[9999]
+    assert image.shape == (3, 32, 32) and label == 9
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10_jpeg").is_dir(), reason="../shared/data absent")
+def test_cifar_recipe_with_full_augmentation_trains_on_real_jpegs(tmp_path: Path) -> None:
+    from sret.train import final_metrics, resolve_config, train
+
+    cfg = resolve_config(
+        "cifar10", dataset="imagefolder", data_dir=str(SHARED / "cifar10_jpeg"), train_subset=64,
+        val_subset=32, batch_size=16, epochs=1, workers=0, threads=1, output=str(tmp_path), name="c",
+    )
+    assert cfg.aa and cfg.mixup > 0 and cfg.reprob > 0
+    metrics = final_metrics(train(cfg))
+    assert metrics["train_loss"] > 0 and 0.0 <= metrics["val_acc1"] <= 1.0
