@@ -228,13 +228,40 @@ def test_eval_is_deterministic_by_default_and_random_eval_is_opt_in() -> None:
 
 def test_fixed_permutations_are_reproducible_and_differ_per_application() -> None:
     a, b = SReT(tiny_cfg(shuffle="fixed")), SReT(tiny_cfg(shuffle="fixed"))
-    perms_a = [p.fixed for s in a.stages for p in s.permutations]
-    perms_b = [p.fixed for s in b.stages for p in s.permutations]
+    perms_a = [t.gather for s in a.stages for t in s.layouts if t.permute]
+    perms_b = [t.gather for s in b.stages for t in s.layouts if t.permute]
     assert len(perms_a) == 3  # two blocks x one permuted loop in stage 0, one in stage 1
     for pa, pb in zip(perms_a, perms_b, strict=True):
         assert torch.equal(pa, pb)
     assert not torch.equal(perms_a[0], perms_a[1])
     assert not any(k.endswith("fixed") for k in a.state_dict())  # checkpoints stay free of them
+
+
+def test_inference_mode_then_training_works() -> None:
+    """Index buffers built at construction are ordinary tensors: an inference_mode pass must not
+    leave anything behind that autograd later refuses."""
+    model = SReT(tiny_cfg(shuffle="fixed")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model(x)
+        model(torch.randn(1, 3, 40, 24))  # another resolution, laid out on the fly
+    model.train()
+    model(x).sum().backward()
+    model(torch.randn(1, 3, 40, 24)).sum().backward()
+    assert model.stages[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_shared_block_folds_its_weights_once_per_forward() -> None:
+    """The folded (gain-scaled, padded) weights of a shared block are built once per stage forward, so
+    autograd keeps one copy for all its applications instead of one per application."""
+    model = SReT(tiny_cfg())
+    calls = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            original = block.weights
+            block.weights = lambda original=original: calls.append(1) or original()
+    model(torch.randn(1, 3, 32, 32))
+    assert len(calls) == sum(len(s.blocks) for s in model.stages)
 
 
 # ---- schedule -----------------------------------------------------------------------------------

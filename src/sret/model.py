@@ -263,7 +263,9 @@ class TokenGroups(NamedTuple):
     key_mask: Tensor | None
 
 
-def token_groups(num_tokens: int, groups: int, perm: Tensor | None) -> TokenGroups:
+def token_groups(
+    num_tokens: int, groups: int, perm: Tensor | None, device: torch.device | None = None
+) -> TokenGroups:
     """Slice `num_tokens` tokens (optionally permuted by `perm`) into `groups` contiguous groups.
 
     Groups get sizes differing by at most one (as torch.tensor_split). When `groups` does not divide the
@@ -271,13 +273,13 @@ def token_groups(num_tokens: int, groups: int, perm: Tensor | None) -> TokenGrou
     token's attention, and padded queries are dropped by the scatter.
     """
     if groups > num_tokens:
-        raise ValueError(f"cannot slice {num_tokens} tokens into {groups} groups")
+        raise ValueError(f"cannot slice {num_tokens} tokens into {groups} groups (input too small)")
     size = -(-num_tokens // groups)
     if size * groups == num_tokens:
         if perm is None:
             return TokenGroups(groups, size, None, None, None)
         return TokenGroups(groups, size, perm, torch.argsort(perm), None)
-    device = perm.device if perm is not None else None
+    device = perm.device if perm is not None else device
     sizes = torch.tensor([len(c) for c in torch.arange(num_tokens).tensor_split(groups)], device=device)
     slot = torch.arange(size, device=device)
     key_mask = slot[None, :] < sizes[:, None]  # (groups, size)
@@ -289,6 +291,38 @@ def token_groups(num_tokens: int, groups: int, perm: Tensor | None) -> TokenGrou
     scatter = torch.empty_like(order)
     scatter[order] = slots_of_real
     return TokenGroups(groups, size, gather, scatter, key_mask[:, None, :])
+
+
+class TokenLayout(nn.Module):
+    """Grouping and permutation of the tokens of one block application.
+
+    The fixed permutation is a function of (seed, token count). Its index buffers for the model's own
+    token count are built once, non-persistent: they follow `.to()`, stay out of checkpoints and are
+    constants to torch.compile and export. Other token counts (other input sizes) are laid out per call.
+    """
+
+    def __init__(self, groups: int, permute: bool, seed: int, num_tokens: int) -> None:
+        super().__init__()
+        self.groups, self.permute, self.seed, self.num_tokens = groups, permute, seed, num_tokens
+        layout = token_groups(num_tokens, groups, self.fixed_permutation(num_tokens))
+        self.size = layout.size
+        self.register_buffer("gather", layout.gather, persistent=False)
+        self.register_buffer("scatter", layout.scatter, persistent=False)
+        self.register_buffer("key_mask", layout.key_mask, persistent=False)
+
+    def fixed_permutation(self, num_tokens: int) -> Tensor | None:
+        if not self.permute:
+            return None
+        return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(self.seed))
+
+    def forward(self, num_tokens: int, random: bool, device: torch.device) -> TokenGroups:
+        """The layout for `num_tokens` tokens; `random` draws a fresh permutation (torch's global RNG)."""
+        if random and self.permute:
+            return token_groups(num_tokens, self.groups, torch.randperm(num_tokens).to(device))
+        if num_tokens == self.num_tokens:
+            return TokenGroups(self.groups, self.size, self.gather, self.scatter, self.key_mask)
+        perm = self.fixed_permutation(num_tokens)
+        return token_groups(num_tokens, self.groups, perm.to(device) if perm is not None else None, device)
 
 
 class SlicedAttention(nn.Module):
@@ -308,7 +342,8 @@ class SlicedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, layout: TokenGroups, gain: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, layout: TokenGroups, proj: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """`proj`: weight and bias to use for the output projection (default: `self.proj`'s own)."""
         B, _, C = x.shape
         G, n = layout.groups, layout.size
         if layout.gather is not None:
@@ -324,37 +359,41 @@ class SlicedAttention(nn.Module):
         x = x.transpose(1, 2).reshape(B, G * n, C)
         if layout.scatter is not None:
             x = x[:, layout.scatter]
-        return self.proj_drop(scaled_linear(self.proj, x, gain))
+        weight, bias = proj if proj is not None else (self.proj.weight, self.proj.bias)
+        return self.proj_drop(F.linear(x, weight, bias))
 
 
 # --------------------------------------------------------------------------------------------------
 # Residuals with learnable coefficients, blocks and NLL
 # --------------------------------------------------------------------------------------------------
+# The paper's residual is `a*x + b*f(x)`. The branch gain b is folded into the weight and bias of the
+# branch's last linear layer (weight-sized work instead of a pass over the activations, forward and
+# backward), and the skip scalar a costs one fused addcmul. A shared block folds its weights once per
+# stage forward, so its L applications share one folded copy (one copy kept for backward, not L).
+Weights = tuple[Tensor, ...]
+
+
 def coefficient(enabled: bool) -> nn.Parameter | None:
     """A learnable residual scalar, initialised to 1 (None when the ablation turns them off)."""
     return nn.Parameter(torch.ones(1)) if enabled else None
 
 
-def scaled_linear(linear: nn.Linear, x: Tensor, gain: Tensor | None) -> Tensor:
-    """`gain * linear(x)` with the scalar folded into weight and bias: weight-sized work, not a pass
-    over the activations, in forward and backward alike."""
+def gained(linear: nn.Linear, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Weight and bias of `gain * linear(x)`."""
     if gain is None:
-        return linear(x)
-    return F.linear(x, linear.weight * gain, linear.bias * gain)
+        return linear.weight, linear.bias
+    return linear.weight * gain, linear.bias * gain
 
 
 def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
-    """`skip * x + branch`, the skip half of the paper's `a*x + b*f(x)` (b is folded into the branch).
-
-    One fused pass (addcmul); plain `x + branch` when the coefficients are ablated.
-    """
+    """`skip * x + branch` in one pass; plain `x + branch` when the coefficients are ablated."""
     if skip is None:
         return x + branch
     return torch.addcmul(branch, x, skip)
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU -> dropout -> Linear -> dropout, with an optional output gain folded in.
+    """Linear -> GELU -> dropout -> Linear -> dropout.
 
     The zoo's hidden widths (230, 921, 378, ...) are rarely multiples of 8, and CPU GEMM kernels are
     several times slower on such widths (a 64 -> 230 layer ran at a third of the speed of 64 -> 232 in
@@ -371,13 +410,24 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(drop)
         self.pad = -hidden % 8
 
-    def forward(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
-        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+    def weights(self, gain: Tensor | None = None) -> Weights:
+        """(w1, b1, w2, b2) as run: hidden padded to a multiple of 8, output gain folded into fc2."""
+        w1, b1 = self.fc1.weight, self.fc1.bias
+        w2, b2 = gained(self.fc2, gain)
         if self.pad:
             w1, b1, w2 = F.pad(w1, (0, 0, 0, self.pad)), F.pad(b1, (0, self.pad)), F.pad(w2, (0, self.pad))
-        if gain is not None:
-            w2, b2 = w2 * gain, b2 * gain
+        return w1, b1, w2, b2
+
+    def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
+        w1, b1, w2, b2 = weights if weights is not None else self.weights()
         return self.drop(F.linear(self.drop(self.act(F.linear(x, w1, b1))), w2, b2))
+
+
+class BlockWeights(NamedTuple):
+    """A block's folded output weights: attention projection and MLP."""
+
+    proj: tuple[Tensor, Tensor]
+    mlp: Weights
 
 
 class Block(nn.Module):
@@ -402,10 +452,13 @@ class Block(nn.Module):
         self.attn_skip, self.attn_gain = coefficient(coefficients), coefficient(coefficients)
         self.mlp_skip, self.mlp_gain = coefficient(coefficients), coefficient(coefficients)
 
-    def forward(self, x: Tensor, layout: TokenGroups) -> Tensor:
-        attn = self.attn(self.norm1(x), layout, self.attn_gain)
-        x = scaled_residual(x, self.drop_path(attn), self.attn_skip)
-        return scaled_residual(x, self.drop_path(self.mlp(self.norm2(x), self.mlp_gain)), self.mlp_skip)
+    def weights(self) -> BlockWeights:
+        return BlockWeights(gained(self.attn.proj, self.attn_gain), self.mlp.weights(self.mlp_gain))
+
+    def forward(self, x: Tensor, layout: TokenGroups, weights: BlockWeights | None = None) -> Tensor:
+        w = weights if weights is not None else self.weights()
+        x = scaled_residual(x, self.drop_path(self.attn(self.norm1(x), layout, w.proj)), self.attn_skip)
+        return scaled_residual(x, self.drop_path(self.mlp(self.norm2(x), w.mlp)), self.mlp_skip)
 
 
 class NonLinearProjection(nn.Module):
@@ -417,34 +470,12 @@ class NonLinearProjection(nn.Module):
         self.mlp = FeedForward(dim, int(dim * ratio), drop)
         self.skip, self.gain = coefficient(coefficients), coefficient(coefficients)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return scaled_residual(x, self.mlp(self.norm(x), self.gain), self.skip)
+    def weights(self) -> Weights:
+        return self.mlp.weights(self.gain)
 
-
-# --------------------------------------------------------------------------------------------------
-# Token permutations
-# --------------------------------------------------------------------------------------------------
-class TokenPermutation(nn.Module):
-    """Permutation of the tokens of one application, for every shuffle mode.
-
-    The fixed permutation is a deterministic function of (seed, token count); it is kept as a
-    non-persistent buffer so checkpoints stay free of it and it follows the model across devices.
-    """
-
-    def __init__(self, seed: int, num_tokens: int) -> None:
-        super().__init__()
-        self.seed = seed
-        self.register_buffer("fixed", self._draw(num_tokens), persistent=False)
-
-    def _draw(self, num_tokens: int) -> Tensor:
-        return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(self.seed))
-
-    def forward(self, num_tokens: int, random: bool) -> Tensor:
-        if random:
-            return torch.randperm(num_tokens).to(self.fixed.device)
-        if self.fixed.numel() != num_tokens:  # another resolution: draw once for it
-            self.fixed = self._draw(num_tokens).to(self.fixed.device)
-        return self.fixed
+    def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
+        w = weights if weights is not None else self.weights()
+        return scaled_residual(x, self.mlp(self.norm(x), w), self.skip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,82 +525,55 @@ class ConvPool(nn.Module):
 
 
 class SReTStage(nn.Module):
-    """Unique blocks, NLLs and per-application permutations, run in the order of a RecursionSchedule."""
+    """Unique blocks, NLLs and per-application token layouts, run in the order of a RecursionSchedule."""
 
-    def __init__(
-        self,
-        cfg: SReTConfig,
-        index: int,
-        num_tokens: int,
-        drop_path: Sequence[float],
-    ) -> None:
+    def __init__(self, cfg: SReTConfig, index: int, num_tokens: int, drop_path: Sequence[float]) -> None:
         super().__init__()
         stage = cfg.stages[index]
         self.schedule = RecursionSchedule.build(stage, cfg.nll, drop_path)
-        self.shuffle, self.random_eval = cfg.shuffle, cfg.random_eval
+        self.random = cfg.shuffle == "random"
+        self.random_eval = cfg.random_eval
         self.grad_checkpointing = False
+        coefficients, drop = cfg.residual_coefficients, cfg.drop_rate
         self.blocks = nn.ModuleList(
-            Block(
-                stage.dim,
-                stage.heads,
-                cfg.mlp_ratio,
-                cfg.residual_coefficients,
-                cfg.drop_rate,
-                cfg.attn_drop_rate,
-                drop_path[r],
-            )
+            Block(stage.dim, stage.heads, cfg.mlp_ratio, coefficients, drop, cfg.attn_drop_rate, drop_path[r])
             for r in range(stage.blocks)
         )
         self.nlls = nn.ModuleList(
-            NonLinearProjection(stage.dim, cfg.nll_ratio, cfg.residual_coefficients, cfg.drop_rate)
+            NonLinearProjection(stage.dim, cfg.nll_ratio, coefficients, drop)
             for _ in range(self.schedule.num_nlls)
         )
-        self.permutations = nn.ModuleList(
-            TokenPermutation(cfg.perm_seed * 1_000_003 + index * 10_007 + i, num_tokens)
+        self.layouts = nn.ModuleList(
+            TokenLayout(
+                app.groups,
+                app.permute and cfg.shuffle != "none",
+                cfg.perm_seed * 1_000_003 + index * 10_007 + i,
+                num_tokens,
+            )
             for i, app in enumerate(self.schedule)
-            if app.permute
         )
-        self._layouts: dict[tuple[int, int, str], TokenGroups] = {}
-
-    def _layout(
-        self, app: Application, perm_index: int, num_tokens: int, device: torch.device
-    ) -> TokenGroups:
-        """Grouping (and permutation) of one application; cached unless the permutation is random."""
-        if not app.permute or self.shuffle == "none":
-            key = (num_tokens, app.groups, str(device))
-            if key not in self._layouts:
-                self._layouts[key] = token_groups(num_tokens, app.groups, None)
-            return self._layouts[key]
-        random = self.shuffle == "random" and (self.training or self.random_eval)
-        perm = self.permutations[perm_index](num_tokens, random)
-        if random:
-            return token_groups(num_tokens, app.groups, perm)
-        key = (num_tokens, app.groups, f"{device}:{perm_index}")
-        cached = self._layouts.get(key)
-        if cached is None or cached.gather is None or cached.gather.device != perm.device:
-            cached = self._layouts[key] = token_groups(num_tokens, app.groups, perm)
-        return cached
-
-    def _apply(self, fn, recurse: bool = True):
-        self._layouts = {}  # cached index tensors must follow .to(device)
-        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)
-        perm_index = 0
-        for app in self.schedule:
-            layout = self._layout(app, perm_index, H * W, x.device)
-            perm_index += app.permute
+        random = self.random and (self.training or self.random_eval)
+        blocks = [block.weights() for block in self.blocks]
+        nlls = [nll.weights() for nll in self.nlls]
+        for app, layout in zip(self.schedule, self.layouts, strict=True):
+            args = (x, app, layout(H * W, random, x.device), blocks[app.block])
+            args += (nlls[app.nll] if app.nll is not None else None,)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._run, x, app, layout, use_reentrant=False)
+                x = checkpoint(self._run, *args, use_reentrant=False)
             else:
-                x = self._run(x, app, layout)
+                x = self._run(*args)
         return x.transpose(1, 2).reshape(B, C, H, W)
 
-    def _run(self, x: Tensor, app: Application, layout: TokenGroups) -> Tensor:
-        x = self.blocks[app.block](x, layout)
-        return self.nlls[app.nll](x) if app.nll is not None else x
+    def _run(
+        self, x: Tensor, app: Application, groups: TokenGroups, block: BlockWeights, nll: Weights | None
+    ) -> Tensor:
+        """One application: the shared block, then its NLL."""
+        x = self.blocks[app.block](x, groups, block)
+        return self.nlls[app.nll](x, nll) if app.nll is not None else x
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,539 @@
+"""Throughput, latency, memory and compute efficiency of SReT next to well-optimised timm references.
+
+Models are timed round-robin (every repeat runs every model once), so noise from other work on the
+machine hits all contenders alike; the reported latency is the median over repeats. Efficiency is
+judged by achieved GFLOP/s (MACs x 2 x images/s) and its fraction of a large matmul measured on the
+same device in the same run, because images/s alone favours models that simply do less work.
+
+Peak memory: on CUDA the allocator's high-water mark. On CPU there is no allocator counter, so each
+model runs one more step in a fresh child process (``python -m sret.bench --child``), whose memory is
+not muddled by other models; it resets the kernel's RSS high-water mark after building the model,
+optimizer state, gradient buffers and input batch, and "activation memory" is the step's peak RSS
+minus the RSS before it, i.e. what the step itself added (activations and temporaries).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
+DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
+TRAIN_MAC_FACTOR = 3  # forward + backward ~ 3x the forward MACs (backward computes two products per one)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run and how; shared by the timing pass and the memory children."""
+
+    batch: int = 32
+    img_size: int | None = None  # None: each model's default input size
+    train: bool = False
+    compile: bool = False
+    device: str = "cpu"
+    amp: str | None = None  # 'bf16' or None
+    threads: int | None = None
+    shuffle: str | None = None  # override for SReT models
+    warmup: int = 3
+    repeats: int = 10
+    memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.amp not in (None, "bf16"):
+            raise ValueError(f"amp must be 'bf16' or unset, got {self.amp!r}")
+        if self.shuffle not in (None, "none", "fixed", "random"):
+            raise ValueError(f"shuffle must be none, fixed or random, got {self.shuffle!r}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda requested, but CUDA is not available")
+        if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One model in one configuration."""
+
+    name: str
+    grad_checkpointing: bool = False
+    reference: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name + (" +ckpt" if self.grad_checkpointing else "")
+
+
+@dataclass
+class BenchRow:
+    """Measurements of one contender (JSON row)."""
+
+    model: str
+    label: str
+    reference: bool
+    mode: str
+    grad_checkpointing: bool
+    batch: int
+    img_size: int
+    params_m: float
+    gmacs: float  # forward MACs of one image
+    latency_ms: float  # median over repeats of one step (a whole batch)
+    latency_min_ms: float
+    images_per_s: float
+    gflops: float  # achieved: MACs x 2 (x 3 when training) x images/s
+    peak_fraction: float  # gflops / measured matmul peak
+    ratio_to_reference: float | None = None  # gflops / the first reference's gflops
+    activation_mem_mib: float | None = None
+    peak_mem_mib: float | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building models and steps
+# --------------------------------------------------------------------------------------------------
+def is_sret(name: str) -> bool:
+    import sret
+
+    return name.split(".", 1)[0] in sret.MODEL_CONFIGS
+
+
+def default_img_size(model: nn.Module) -> int:
+    """The model's own input resolution, from timm's pretrained config."""
+    size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+    return int(size[-1])
+
+
+def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]:
+    """A randomly initialised model on the device, and the resolution it will be fed."""
+    import timm
+
+    import sret  # noqa: F401  (registers the SReT variants with timm)
+
+    kwargs: dict[str, Any] = {}
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.shuffle is not None and is_sret(contender.name):
+        kwargs["shuffle"] = cfg.shuffle
+    model = timm.create_model(contender.name, pretrained=False, **kwargs)
+    if contender.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.to(cfg.device), cfg.img_size or default_img_size(model)
+
+
+def count_macs(model: nn.Module, img_size: int) -> int:
+    """Forward MACs of one image: sret.info's counter (FlopCounterMode / 2, SDPA on the math backend).
+
+    That counter runs under no_grad, where FlopCounterMode's module tracker trips over a view of a
+    parameter that requires grad without a grad_fn (pit_ti_224's expanded class token); the same count
+    is then taken with autograd enabled, which only costs the graph of one image.
+    """
+    from sret.info import count_macs as info_count_macs
+
+    try:
+        return info_count_macs(model, img_size)
+    except AssertionError:
+        return _count_macs_with_grad(model, img_size)
+
+
+def _count_macs_with_grad(model: nn.Module, img_size: int) -> int:
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    x = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def autocast(cfg: BenchConfig) -> AbstractContextManager:
+    if cfg.amp is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
+
+
+@dataclass
+class Step:
+    """One benchmark step (inference, or forward + cross-entropy backward + AdamW) and its optimizer."""
+
+    run: Callable[[], None]
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
+    """Bind model, a random batch and (when training) an AdamW optimizer into a callable step."""
+    x = torch.randn(cfg.batch, 3, img_size, img_size, device=cfg.device)
+    model.train(cfg.train)
+    fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    if not cfg.train:
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast(cfg):
+                fn(x)
+
+        return Step(infer)
+
+    y = torch.randint(0, getattr(model, "num_classes", 1000), (cfg.batch,), device=cfg.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        with autocast(cfg):
+            loss = F.cross_entropy(fn(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Step(train_step, optimizer)
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], None], device: str) -> float:
+    """Wall time of one step in seconds (device work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# Matmul peak
+# --------------------------------------------------------------------------------------------------
+def matmul_probe(device: str, amp: str | None, size: int | None = None) -> tuple[Callable[[], None], int]:
+    """One large square matmul (warmed up) and its FLOPs: the yardstick of achievable GFLOP/s.
+
+    It is timed inside every round-robin round, so it sees the same machine load as the models.
+    """
+    size = size or (2048 if torch.device(device).type == "cpu" else 8192)
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def run() -> None:
+        torch.mm(a, b)
+
+    run()
+    return run, 2 * size**3
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+def _proc_status_mib(field_name: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0), so import-time peaks do not hide a step's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _maxrss_mib() -> float:
+    """Peak resident set size of this process since start (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_step_memory(run: Callable[[], None]) -> dict[str, float]:
+    """Peak RSS of one call of `run` and what it added over the RSS right before (MiB)."""
+    if _reset_peak_rss():
+        before = _proc_status_mib("VmRSS") or 0.0
+        run()
+        peak = _proc_status_mib("VmHWM") or 0.0
+    else:  # no resettable counter: the lifetime peak, from a high-water mark taken before the step
+        before = _maxrss_mib()
+        run()
+        peak = _maxrss_mib()
+    return {"activation_mem_mib": max(peak - before, 0.0), "peak_mem_mib": peak}
+
+
+def materialise_training_state(step: Step) -> None:
+    """Allocate gradient buffers and AdamW's moments before a measured step (one update on zero
+    gradients, buffers kept), so what the step adds is activations and temporaries only: the memory
+    gradient checkpointing can save, not the weight-sized state it cannot."""
+    if step.optimizer is None:
+        return
+    for group in step.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=False)
+
+
+def measure_memory_here(contender: Contender, cfg: BenchConfig) -> dict[str, float]:
+    """Activation and total peak memory (MiB) of one step, measured in the current process.
+
+    Meant for a fresh process on CPU (peak RSS never goes down, so earlier work would hide the step)
+    and for CUDA, where the allocator's peak counter is reset right before the step.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, img_size = build_model(contender, cfg)
+    step = make_step(model, img_size, cfg)
+    materialise_training_state(step)
+    if torch.device(cfg.device).type == "cuda":
+        synchronize(cfg.device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        timed(step.run, cfg.device)
+        peak = torch.cuda.max_memory_allocated()
+        return {"activation_mem_mib": (peak - before) / 2**20, "peak_mem_mib": peak / 2**20}
+    return cpu_step_memory(step.run)
+
+
+def measure_memory(contender: Contender, cfg: BenchConfig) -> dict[str, float]:
+    """Peak memory of one step; a child process per model on CPU so each starts from a clean slate."""
+    if torch.device(cfg.device).type == "cuda":
+        return measure_memory_here(contender, cfg)
+    spec = json.dumps({"contender": asdict(contender), "config": asdict(cfg)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sret.bench", "--child", spec], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        raise RuntimeError(f"memory measurement of {contender.label} failed ({proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(spec: str) -> None:
+    data = json.loads(spec)
+    result = measure_memory_here(Contender(**data["contender"]), BenchConfig(**data["config"]))
+    print(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------
+def contenders(
+    models: Sequence[str],
+    references: Sequence[str] = REFERENCES,
+    grad_checkpointing: bool = False,
+    compare_checkpointing: bool = False,
+) -> list[Contender]:
+    """Models in the order they are run; with `compare_checkpointing` each model runs both ways."""
+    modes = (False, True) if compare_checkpointing else (grad_checkpointing,)
+    out = [Contender(name, ckpt) for name in models for ckpt in modes]
+    out += [Contender(name, grad_checkpointing, reference=True) for name in references if name not in models]
+    return out
+
+
+@dataclass
+class _Prepared:
+    contender: Contender
+    step: Step
+    img_size: int
+    params: int
+    macs: int
+    times: list[float] = field(default_factory=list)
+
+
+def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
+    model, img_size = build_model(contender, cfg)
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model, img_size)  # before compiling; eager and compiled graphs do the same work
+    return _Prepared(contender, make_step(model, img_size, cfg), img_size, params, macs)
+
+
+def run_benchmark(
+    entries: Sequence[Contender],
+    cfg: BenchConfig,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Time every contender round-robin, measure memory and the matmul peak; the JSON document."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    probe, probe_flop = matmul_probe(cfg.device, cfg.amp)
+    prepared = []
+    for entry in entries:
+        log(f"building {entry.label}")
+        prepared.append(_prepare(entry, cfg))
+    probe_times = []
+    for i in range(cfg.warmup + cfg.repeats):
+        log(f"{'warm-up' if i < cfg.warmup else 'repeat'} {i + 1}/{cfg.warmup + cfg.repeats}")
+        for p in prepared:
+            elapsed = timed(p.step.run, cfg.device)
+            if i >= cfg.warmup:
+                p.times.append(elapsed)
+        probe_times += [timed(probe, cfg.device) for _ in range(2)]
+    peak = probe_flop / statistics.median(probe_times) / 1e9
+    log(f"matmul peak: {peak:.1f} GFLOP/s")
+    rows = [_row(p, cfg, peak) for p in prepared]
+    del prepared
+    if cfg.memory:
+        for row, entry in zip(rows, entries, strict=True):
+            log(f"memory of {entry.label}")
+            for key, value in measure_memory(entry, cfg).items():
+                setattr(row, key, value)
+    _add_reference_ratios(rows)
+    return {
+        "device": device_info(cfg.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": asdict(cfg),
+        "matmul_peak_gflops": peak,
+        "train_mac_factor": TRAIN_MAC_FACTOR if cfg.train else 1,
+        "rows": [asdict(r) for r in rows],
+        "comparisons": comparisons(rows),
+    }
+
+
+def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
+    latency = statistics.median(p.times)
+    images_per_s = cfg.batch / latency
+    gflops = p.macs * 2 * (TRAIN_MAC_FACTOR if cfg.train else 1) * images_per_s / 1e9
+    return BenchRow(
+        model=p.contender.name,
+        label=p.contender.label,
+        reference=p.contender.reference,
+        mode="train" if cfg.train else "infer",
+        grad_checkpointing=p.contender.grad_checkpointing,
+        batch=cfg.batch,
+        img_size=p.img_size,
+        params_m=p.params / 1e6,
+        gmacs=p.macs / 1e9,
+        latency_ms=latency * 1e3,
+        latency_min_ms=min(p.times) * 1e3,
+        images_per_s=images_per_s,
+        gflops=gflops,
+        peak_fraction=gflops / peak,
+        latencies_ms=[t * 1e3 for t in p.times],
+    )
+
+
+def _add_reference_ratios(rows: list[BenchRow]) -> None:
+    reference = next((r for r in rows if r.reference), None)
+    for row in rows:
+        row.ratio_to_reference = row.gflops / reference.gflops if reference else None
+
+
+def comparisons(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
+    """The ratios the targets are stated in: vs the first reference, sliced vs unsliced, checkpointing."""
+    by_label = {r.label: r for r in rows}
+    reference = next((r for r in rows if r.reference), None)
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if reference is not None and not row.reference:
+            out.append({
+                "what": f"{row.label} GFLOP/s / {reference.label} GFLOP/s",
+                "value": row.gflops / reference.gflops,
+            })
+        twin = by_label.get(row.label.replace(row.model, f"{row.model}_noslice", 1))
+        if twin is not None and twin is not row:
+            out.append({
+                "what": f"{row.label} images/s / {twin.label} images/s",
+                "value": row.images_per_s / twin.images_per_s,
+            })
+        ckpt = by_label.get(f"{row.label} +ckpt")
+        if ckpt is not None:
+            out.append({"what": f"{row.label}: step time with / without checkpointing",
+                        "value": ckpt.latency_ms / row.latency_ms})
+            if row.activation_mem_mib and ckpt.activation_mem_mib:
+                out.append({"what": f"{row.label}: activation memory without / with checkpointing",
+                            "value": row.activation_mem_mib / ckpt.activation_mem_mib})
+    return out
+
+
+def device_info(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Rich table of the rows, then the target ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = result["config"]
+    mode = "train step (fwd+bwd+AdamW)" if cfg["train"] else "inference"
+    table = Table(title=f"{mode}, batch {cfg['batch']}, {result['device']}, {result['threads']} threads")
+    columns = ("model", "res", "params M", "GMACs", "latency ms", "img/s", "GFLOP/s", "% peak",
+               "x ref", "act. MiB", "peak MiB")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in result["rows"]:
+        table.add_row(
+            r["label"] + (" (ref)" if r["reference"] else ""),
+            str(r["img_size"]),
+            f"{r['params_m']:.2f}",
+            f"{r['gmacs']:.3f}",
+            f"{r['latency_ms']:.1f}",
+            f"{r['images_per_s']:.1f}",
+            f"{r['gflops']:.1f}",
+            f"{r['peak_fraction']:.1%}",
+            _fmt(r["ratio_to_reference"], ".2f"),
+            _fmt(r["activation_mem_mib"], ".0f"),
+            _fmt(r["peak_mem_mib"], ".0f"),
+        )
+    console = Console()
+    if not console.is_terminal:  # piped into a file: do not squeeze the table into 80 columns
+        console = Console(width=150)
+    console.print(table)
+    notes = [f"latency = median of {cfg['repeats']} round-robin repeats after {cfg['warmup']} warm-up; "
+             f"% peak against a {result['matmul_peak_gflops']:.1f} GFLOP/s matmul timed in the same rounds"]
+    if cfg["train"]:
+        notes.append(f"training GFLOP/s count {TRAIN_MAC_FACTOR}x the forward MACs (forward + backward)")
+    if cfg["memory"]:
+        total = "allocated (CUDA)" if cfg["device"].startswith("cuda") else "RSS of a fresh process"
+        held = "weights, grads, AdamW state, batch" if cfg["train"] else "weights and batch"
+        notes.append(f"act. = memory a step adds to {held}; peak = total {total}")
+    for note in notes:
+        console.print(f"[dim]{note}[/dim]")
+    for comparison in result["comparisons"]:
+        console.print(f"{comparison['what']}: [bold]{comparison['value']:.2f}[/bold]")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child_main(sys.argv[2])
+    else:
+        sys.exit("usage: python -m sret.bench --child SPEC (internal); run `sret bench` instead")

@@ -1,0 +1,296 @@
+"""The `sret` command-line tool."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="sret",
+    help="Sliced Recursive Transformer: model zoo, training, evaluation, benchmarks and export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the model zoo."""
+    from sret.info import print_zoo
+
+    print_zoo()
+
+
+@app.command("info")
+def info_cmd(
+    name: str = typer.Argument(..., help="Model name, e.g. sret_t."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the model's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Params and MACs of a model, split by stem / attention / MLP / NLL / pooling / head and by stage."""
+    import json
+
+    from sret.info import model_info, print_info
+
+    try:
+        info = model_info(name, img_size)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), indent=2))
+    else:
+        print_info(info)
+
+
+@app.command("bench")
+def bench_cmd(
+    models: list[str] | None = typer.Argument(None, help="Models to time (default: sret_t sret_t_noslice)."),
+    batch: int = typer.Option(32, "--batch", min=1, help="Images per step."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: each model's)."),
+    train: bool = typer.Option(False, "--train", help="Time a training step: forward + backward + AdamW."),
+    compile_: bool = typer.Option(
+        False, "--compile", help="torch.compile(model, fullgraph=True); keep --warmup >= 2 (compiles twice)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    amp: str | None = typer.Option(None, "--amp", help="Autocast dtype: bf16."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+    shuffle: str | None = typer.Option(None, "--shuffle", help="Override SReT shuffle: none, fixed, random."),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Checkpoint every block application (all models)."
+    ),
+    compare_checkpointing: bool = typer.Option(
+        False, "--compare-checkpointing", help="Run each model without and with checkpointing; print ratios."
+    ),
+    reference: bool = typer.Option(
+        True, "--reference/--no-reference", help="Include deit_tiny_patch16_224 and pit_ti_224."
+    ),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one step."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed rounds first."),
+    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed rounds (median reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Images/s, latency, peak memory and GFLOP/s (and % of matmul peak) next to timm references."""
+    import json
+
+    from rich.console import Console
+
+    from sret.bench import DEFAULT_MODELS, REFERENCES, BenchConfig, contenders, print_report, run_benchmark
+
+    try:
+        cfg = BenchConfig(
+            batch=batch, img_size=img_size, train=train, compile=compile_, device=device, amp=amp,
+            threads=threads, shuffle=shuffle, warmup=warmup, repeats=repeats, memory=memory,
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    references = REFERENCES if reference else ()
+    entries = contenders(models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing)
+    console = Console(stderr=True)
+    result = run_benchmark(entries, cfg, log=lambda msg: console.log(msg))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        print_report(result)
+
+
+def _user_error(e: BaseException) -> typer.Exit:
+    """Print one `error:` line for a problem the user can fix; the caller raises the returned Exit.
+
+    Errors re-raised from data-loader workers carry the worker traceback; the last line is the cause.
+    """
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    typer.echo(f"error: {lines[-1] if lines else type(e).__name__}", err=True)
+    return typer.Exit(1)
+
+
+@app.command("train")
+def train_cmd(
+    recipe: str = typer.Option("digits", "--recipe", "-r", help="Shipped recipe name or a YAML file."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override any config option: key=value."),
+    model: str | None = typer.Option(None, "--model", help="Model to train (default: the recipe's)."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="digits, cifar10, cifar100, fashion_mnist or imagefolder."
+    ),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder holding the data set."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Global batch (all processes)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    output: str | None = typer.Option(None, "--output", help="Parent folder of run folders (default runs)."),
+    name: str | None = typer.Option(None, "--name", help="Run folder name (default: dataset-model-time)."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: str | None = typer.Option(None, "--amp", help="Mixed precision: none, bf16 or fp16 (GPU)."),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Distill from a timm model name or checkpoint."
+    ),
+    teacher_logits: str | None = typer.Option(
+        None, "--teacher-logits", help="Distill from precomputed logits (file with a 'logits' tensor)."
+    ),
+    distill_alpha: float | None = typer.Option(None, "--distill-alpha", help="Weight of the teacher term."),
+    distill_temperature: float | None = typer.Option(
+        None, "--distill-temperature", help="Softmax temperature."
+    ),
+    model_ema: bool = typer.Option(False, "--model-ema", help="Keep an EMA of the weights (timm)."),
+    skip_bad_images: bool = typer.Option(
+        False, "--skip-bad-images", help="Skip unreadable images with a warning instead of stopping."
+    ),
+    save_every_steps: int | None = typer.Option(
+        None, "--save-every-steps", min=0, help="Also checkpoint every N steps (0: epoch ends only)."
+    ),
+    seed: int | None = typer.Option(None, "--seed"),
+    workers: int | None = typer.Option(None, "--workers", min=0, help="Data-loader worker processes."),
+) -> None:
+    """Train an SReT (default: sret_nano on the embedded digits, a few minutes on a laptop CPU).
+
+    Under `torchrun --nproc_per_node=N -m sret train ...` it trains with DistributedDataParallel.
+    """
+    from sret.data import UserError
+    from sret.train import resolve_config, train
+
+    try:
+        cfg = None
+        if resume is None:
+            cfg = resolve_config(
+                recipe, set_, model=model, dataset=dataset, data_dir=data_dir, epochs=epochs,
+                batch_size=batch_size, lr=lr, output=output, name=name, device=device, amp=amp,
+                teacher=teacher, teacher_logits=teacher_logits, distill_alpha=distill_alpha,
+                distill_temperature=distill_temperature, model_ema=model_ema or None,
+                skip_bad_images=skip_bad_images or None, save_every_steps=save_every_steps, seed=seed,
+                workers=workers,
+            )
+        train(cfg, resume=resume)
+    except (UserError, ValueError, OSError) as e:
+        raise _user_error(e) from None
+
+
+@app.command("distill-logits")
+def distill_logits_cmd(
+    out: str = typer.Argument(..., help="Output file (.safetensors) for `sret train --teacher-logits`."),
+    teacher: str = typer.Option(..., "--teacher", help="timm model name or checkpoint."),
+    recipe: str = typer.Option("digits", "--recipe", "-r", help="Recipe naming the data set."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override any config option: key=value."),
+    dataset: str | None = typer.Option(None, "--dataset"),
+    data_dir: str | None = typer.Option(None, "--data-dir"),
+) -> None:
+    """Precompute teacher logits over the (unaugmented) training set, in data-set order."""
+    from sret.data import UserError
+    from sret.train import compute_teacher_logits, resolve_config
+
+    try:
+        cfg = resolve_config(recipe, set_, teacher=teacher, dataset=dataset, data_dir=data_dir)
+        typer.echo(f"wrote {compute_teacher_logits(cfg, out)}")
+    except (UserError, ValueError, OSError) as e:
+        raise _user_error(e) from None
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: str = typer.Argument(..., help="Weights written by `sret train` (.safetensors)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Data set (default: the run's)."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder holding the data set."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: str = typer.Option("cpu", "--device"),
+    confusion: str | None = typer.Option(
+        None, "--confusion", help="Confusion-matrix PNG (default: beside the checkpoint)."
+    ),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Top-1/top-5 accuracy, loss, per-class accuracy and a confusion matrix on a validation split."""
+    import json
+    from pathlib import Path
+
+    from sret.data import UserError
+    from sret.evaluate import evaluate
+
+    path = Path(checkpoint)
+    png = Path(confusion) if confusion else path.with_name(f"{path.stem}_confusion_{dataset or 'val'}.png")
+    try:
+        result = evaluate(checkpoint, dataset, data_dir, batch_size, device, png, skip_bad_images)
+    except (UserError, ValueError, OSError) as e:
+        raise _user_error(e) from None
+    if as_json:
+        payload = dict(loss=result.loss, acc1=result.acc1, acc5=result.acc5, confusion_png=str(png),
+                       per_class=dict(zip(result.classes, result.per_class, strict=True)))
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("class", "accuracy", "images", title="per-class accuracy")
+    for cls, acc, n in zip(result.classes, result.per_class, result.confusion.sum(1).tolist(), strict=True):
+        table.add_row(cls, f"{acc:.4f}", str(n))
+    console = Console()
+    console.print(table)
+    console.print(f"top-1 {result.acc1:.4f}  top-5 {result.acc5:.4f}  loss {result.loss:.4f}")
+    console.print(f"confusion matrix: {png}")
+
+
+@app.command("predict")
+def predict_cmd(
+    checkpoint: str = typer.Argument(..., help="Weights written by `sret train` (.safetensors)."),
+    images: list[str] = typer.Argument(..., help="Image files."),
+    topk: int = typer.Option(5, "--topk", min=1),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Top-k class names and probabilities for each image."""
+    import json
+
+    from sret.data import UserError
+    from sret.evaluate import predict
+
+    try:
+        results = predict(checkpoint, images, topk, device)
+    except (UserError, ValueError, OSError) as e:
+        raise _user_error(e) from None
+    if as_json:
+        typer.echo(json.dumps({img: dict(r) for img, r in zip(images, results, strict=True)}, indent=2))
+        return
+    for img, ranked in zip(images, results, strict=True):
+        typer.echo(img)
+        for cls, p in ranked:
+            typer.echo(f"  {p:7.2%}  {cls}")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: str = typer.Argument(
+        ..., help="Our .safetensors (architecture read from it), the authors' .pth with --model, "
+        "or a model name with --random-init."
+    ),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, torchscript or exported-program."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Destination (default: by CHECKPOINT)."),
+    model: str | None = typer.Option(None, "--model", help="Architecture, if the file lacks it."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the model's)."),
+    batch: int = typer.Option(2, "--batch", min=1, help="Example batch (batch axis stays dynamic)."),
+    shuffle: str | None = typer.Option(
+        None, "--shuffle", help="Override the token shuffle: fixed or none ('random' cannot be exported)."
+    ),
+    random_init: bool = typer.Option(False, "--random-init", help="CHECKPOINT is a model name; random init."),
+    atol: float = typer.Option(1e-4, "--atol", help="Largest accepted |exported - PyTorch|."),
+) -> None:
+    """Export to ONNX, TorchScript or a torch.export program, verified against PyTorch before writing."""
+    from sret.export import ExportMismatch, ExportRefused, export_model
+
+    try:
+        result = export_model(checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol)
+    except ExportRefused as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    except (ValueError, FileNotFoundError, ExportMismatch) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"wrote {result.path} ({result.format} via {result.exporter}, {result.model_name}, "
+        f"shuffle={result.shuffle}, {result.img_size}px); "
+        f"max |exported - PyTorch| = {result.max_abs_diff:.2e}"
+    )
+
+
+def main() -> None:
+    from sret.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    app()

@@ -1,0 +1,53 @@
+"""Benchmark smoke tests: the report has every field with sane values (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from sret.bench import BenchConfig, contenders, run_benchmark
+from sret.cli import app
+
+ROW_FIELDS = {
+    "model", "label", "reference", "mode", "grad_checkpointing", "batch", "img_size", "params_m", "gmacs",
+    "latency_ms", "latency_min_ms", "images_per_s", "gflops", "peak_fraction", "ratio_to_reference",
+    "activation_mem_mib", "peak_mem_mib", "latencies_ms",
+}
+
+
+def test_cli_bench_json_inference() -> None:
+    args = ["bench", "sret_nano", "--img-size", "32", "--batch", "2", "--warmup", "0", "--repeats", "1"]
+    args += ["--no-memory", "--json"]  # memory children are covered by the training test
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {"device", "torch", "threads", "config", "matmul_peak_gflops", "rows", "comparisons"} <= set(doc)
+    assert doc["matmul_peak_gflops"] > 0 and doc["threads"] >= 1
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels == ["sret_nano", "deit_tiny_patch16_224", "pit_ti_224"]
+    for row in doc["rows"]:
+        assert set(row) == ROW_FIELDS
+        assert row["mode"] == "infer" and row["img_size"] == 32
+        for key in ("params_m", "gmacs", "latency_ms", "images_per_s", "gflops", "peak_fraction"):
+            assert row[key] > 0, key
+        assert row["activation_mem_mib"] is None and row["peak_mem_mib"] is None
+    assert doc["rows"][1]["ratio_to_reference"] == 1.0
+    assert any(c["what"].startswith("sret_nano GFLOP/s / deit_tiny") for c in doc["comparisons"])
+
+
+def test_training_with_checkpointing_comparison() -> None:
+    cfg = BenchConfig(batch=2, img_size=32, train=True, warmup=0, repeats=1)
+    entries = contenders(["sret_nano"], references=(), compare_checkpointing=True)
+    doc = run_benchmark(entries, cfg)
+    json.dumps(doc)  # serialisable as is
+    assert [r["label"] for r in doc["rows"]] == ["sret_nano", "sret_nano +ckpt"]
+    assert [r["grad_checkpointing"] for r in doc["rows"]] == [False, True]
+    assert doc["train_mac_factor"] == 3
+    for row in doc["rows"]:
+        assert row["mode"] == "train" and row["gflops"] > 0
+        assert row["peak_mem_mib"] > row["activation_mem_mib"] > 0
+        assert row["ratio_to_reference"] is None
+    whats = {c["what"] for c in doc["comparisons"]}
+    assert "sret_nano: step time with / without checkpointing" in whats
+    assert "sret_nano: activation memory without / with checkpointing" in whats
