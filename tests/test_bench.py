@@ -10,9 +10,24 @@ from sret.bench import BenchConfig, contenders, run_benchmark
 from sret.cli import app
 
 ROW_FIELDS = {
-    "model", "label", "reference", "mode", "grad_checkpointing", "batch", "img_size", "params_m", "gmacs",
-    "latency_ms", "latency_min_ms", "images_per_s", "gflops", "peak_fraction", "ratio_to_reference",
-    "activation_mem_mib", "peak_mem_mib", "latencies_ms",
+    "model",
+    "label",
+    "reference",
+    "mode",
+    "grad_checkpointing",
+    "batch",
+    "img_size",
+    "params_m",
+    "gmacs",
+    "latency_ms",
+    "latency_min_ms",
+    "images_per_s",
+    "gflops",
+    "peak_fraction",
+    "ratio_to_reference",
+    "activation_mem_mib",
+    "peak_mem_mib",
+    "latencies_ms",
 }
 
 

@@ -62,14 +62,30 @@ def test_training_skips_bad_images_end_to_end(tmp_path: Path) -> None:
 
     data = _image_folder(tmp_path / "data")
     cfg = resolve_config(
-        "digits", dataset="imagefolder", data_dir=str(data), batch_size=2, epochs=1, threads=1,
-        output=str(tmp_path / "runs"), name="r", skip_bad_images=True, warmup_epochs=0,
+        "digits",
+        dataset="imagefolder",
+        data_dir=str(data),
+        batch_size=2,
+        epochs=1,
+        threads=1,
+        output=str(tmp_path / "runs"),
+        name="r",
+        skip_bad_images=True,
+        warmup_epochs=0,
     )
     with pytest.warns(UserWarning, match=r"broken\.png"):
         run = train(cfg)
     assert 0.0 <= final_metrics(run)["val_acc1"] <= 1.0
-    strict = resolve_config("digits", dataset="imagefolder", data_dir=str(data), batch_size=7, epochs=1,
-                            output=str(tmp_path / "runs"), name="strict", threads=1)
+    strict = resolve_config(
+        "digits",
+        dataset="imagefolder",
+        data_dir=str(data),
+        batch_size=7,
+        epochs=1,
+        output=str(tmp_path / "runs"),
+        name="strict",
+        threads=1,
+    )
     with pytest.raises(BadImageError, match=r"broken\.png"):
         train(strict)
 
@@ -111,7 +127,16 @@ def test_cifar10_jpeg_image_folder() -> None:
     splits = build_datasets("imagefolder", SHARED / "cifar10_jpeg")
     assert (len(splits.train), len(splits.val)) == (50000, 10000)
     assert splits.classes == [
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
     ]
     image, label = splits.val[9999]
     assert image.shape == (3, 32, 32) and label == 9
@@ -122,8 +147,17 @@ def test_cifar_recipe_with_full_augmentation_trains_on_real_jpegs(tmp_path: Path
     from sret.train import final_metrics, resolve_config, train
 
     cfg = resolve_config(
-        "cifar10", dataset="imagefolder", data_dir=str(SHARED / "cifar10_jpeg"), train_subset=64,
-        val_subset=32, batch_size=16, epochs=1, workers=0, threads=1, output=str(tmp_path), name="c",
+        "cifar10",
+        dataset="imagefolder",
+        data_dir=str(SHARED / "cifar10_jpeg"),
+        train_subset=64,
+        val_subset=32,
+        batch_size=16,
+        epochs=1,
+        workers=0,
+        threads=1,
+        output=str(tmp_path),
+        name="c",
     )
     assert cfg.aa and cfg.mixup > 0 and cfg.reprob > 0
     metrics = final_metrics(train(cfg))

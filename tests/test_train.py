@@ -18,9 +18,7 @@ from sret.data import UserError
 from sret.train import STATE_FILE, TrainConfig, final_metrics, resolve_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    train_subset=128, val_subset=64, batch_size=32, epochs=2, warmup_epochs=0, threads=1, lr=2e-3
-)
+TINY = dict(train_subset=128, val_subset=64, batch_size=32, epochs=2, warmup_epochs=0, threads=1, lr=2e-3)
 
 
 def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
@@ -65,17 +63,41 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     args = [
-        "train", "--output", str(tmp_path), "--epochs", "4", "--batch-size", "32", "--save-every-steps", "3",
-        "--set", "train_subset=160", "--set", "val_subset=64", "--set", "warmup_epochs=1",
-        "--set", "threads=1", "--set", "mixup=0.8", "--set", "cutmix=1.0", "--model-ema",
-        "--set", "model_ema_decay=0.9", "--set", "drop_path=0.1",
+        "train",
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--save-every-steps",
+        "3",
+        "--set",
+        "train_subset=160",
+        "--set",
+        "val_subset=64",
+        "--set",
+        "warmup_epochs=1",
+        "--set",
+        "threads=1",
+        "--set",
+        "mixup=0.8",
+        "--set",
+        "cutmix=1.0",
+        "--model-ema",
+        "--set",
+        "model_ema_decay=0.9",
+        "--set",
+        "drop_path=0.1",
     ]  # mixup (numpy RNG), drop path and token shuffles (torch RNG) all need their state restored
     reference = cli(*args, "--name", "straight")
     assert reference.returncode == 0, reference.stderr
     victim = subprocess.Popen(
         [sys.executable, "-m", "sret", *args, "--name", "killed"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     state = tmp_path / "killed" / STATE_FILE
     deadline = time.monotonic() + 120
@@ -173,14 +195,40 @@ def test_ranks_split_each_global_batch_of_the_single_process_order() -> None:
 
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     common = [
-        "--epochs", "2", "--batch-size", "32", "--output", str(tmp_path), "--set", "train_subset=128",
-        "--set", "val_subset=64", "--set", "smoothing=0.0", "--set", "shuffle=none", "--set", "threads=1",
-        "--set", "warmup_epochs=0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "train_subset=128",
+        "--set",
+        "val_subset=64",
+        "--set",
+        "smoothing=0.0",
+        "--set",
+        "shuffle=none",
+        "--set",
+        "threads=1",
+        "--set",
+        "warmup_epochs=0",
     ]
     single = cli("train", *common, "--name", "one")
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "sret", "train", *common, "--name", "two"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sret",
+        "train",
+        *common,
+        "--name",
+        "two",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     double = subprocess.run(launcher, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]

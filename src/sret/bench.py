@@ -444,23 +444,35 @@ def comparisons(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for row in rows:
         if reference is not None and not row.reference:
-            out.append({
-                "what": f"{row.label} GFLOP/s / {reference.label} GFLOP/s",
-                "value": row.gflops / reference.gflops,
-            })
+            out.append(
+                {
+                    "what": f"{row.label} GFLOP/s / {reference.label} GFLOP/s",
+                    "value": row.gflops / reference.gflops,
+                }
+            )
         twin = by_label.get(row.label.replace(row.model, f"{row.model}_noslice", 1))
         if twin is not None and twin is not row:
-            out.append({
-                "what": f"{row.label} images/s / {twin.label} images/s",
-                "value": row.images_per_s / twin.images_per_s,
-            })
+            out.append(
+                {
+                    "what": f"{row.label} images/s / {twin.label} images/s",
+                    "value": row.images_per_s / twin.images_per_s,
+                }
+            )
         ckpt = by_label.get(f"{row.label} +ckpt")
         if ckpt is not None:
-            out.append({"what": f"{row.label}: step time with / without checkpointing",
-                        "value": ckpt.latency_ms / row.latency_ms})
+            out.append(
+                {
+                    "what": f"{row.label}: step time with / without checkpointing",
+                    "value": ckpt.latency_ms / row.latency_ms,
+                }
+            )
             if row.activation_mem_mib and ckpt.activation_mem_mib:
-                out.append({"what": f"{row.label}: activation memory without / with checkpointing",
-                            "value": row.activation_mem_mib / ckpt.activation_mem_mib})
+                out.append(
+                    {
+                        "what": f"{row.label}: activation memory without / with checkpointing",
+                        "value": row.activation_mem_mib / ckpt.activation_mem_mib,
+                    }
+                )
     return out
 
 
@@ -496,8 +508,19 @@ def print_report(result: dict[str, Any]) -> None:
     cfg = result["config"]
     mode = "train step (fwd+bwd+AdamW)" if cfg["train"] else "inference"
     table = Table(title=f"{mode}, batch {cfg['batch']}, {result['device']}, {result['threads']} threads")
-    columns = ("model", "res", "params M", "GMACs", "latency ms", "img/s", "GFLOP/s", "% peak",
-               "x ref", "act. MiB", "peak MiB")
+    columns = (
+        "model",
+        "res",
+        "params M",
+        "GMACs",
+        "latency ms",
+        "img/s",
+        "GFLOP/s",
+        "% peak",
+        "x ref",
+        "act. MiB",
+        "peak MiB",
+    )
     for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["rows"]:
@@ -518,8 +541,10 @@ def print_report(result: dict[str, Any]) -> None:
     if not console.is_terminal:  # piped into a file: do not squeeze the table into 80 columns
         console = Console(width=150)
     console.print(table)
-    notes = [f"latency = median of {cfg['repeats']} round-robin repeats after {cfg['warmup']} warm-up; "
-             f"% peak against a {result['matmul_peak_gflops']:.1f} GFLOP/s matmul timed in the same rounds"]
+    notes = [
+        f"latency = median of {cfg['repeats']} round-robin repeats after {cfg['warmup']} warm-up; "
+        f"% peak against a {result['matmul_peak_gflops']:.1f} GFLOP/s matmul timed in the same rounds"
+    ]
     if cfg["train"]:
         notes.append(f"training GFLOP/s count {TRAIN_MAC_FACTOR}x the forward MACs (forward + backward)")
     if cfg["memory"]:

@@ -78,8 +78,17 @@ def bench_cmd(
 
     try:
         cfg = BenchConfig(
-            batch=batch, img_size=img_size, train=train, compile=compile_, device=device, amp=amp,
-            threads=threads, shuffle=shuffle, warmup=warmup, repeats=repeats, memory=memory,
+            batch=batch,
+            img_size=img_size,
+            train=train,
+            compile=compile_,
+            device=device,
+            amp=amp,
+            threads=threads,
+            shuffle=shuffle,
+            warmup=warmup,
+            repeats=repeats,
+            memory=memory,
         )
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -152,11 +161,26 @@ def train_cmd(
         cfg = None
         if resume is None:
             cfg = resolve_config(
-                recipe, set_, model=model, dataset=dataset, data_dir=data_dir, epochs=epochs,
-                batch_size=batch_size, lr=lr, output=output, name=name, device=device, amp=amp,
-                teacher=teacher, teacher_logits=teacher_logits, distill_alpha=distill_alpha,
-                distill_temperature=distill_temperature, model_ema=model_ema or None,
-                skip_bad_images=skip_bad_images or None, save_every_steps=save_every_steps, seed=seed,
+                recipe,
+                set_,
+                model=model,
+                dataset=dataset,
+                data_dir=data_dir,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                output=output,
+                name=name,
+                device=device,
+                amp=amp,
+                teacher=teacher,
+                teacher_logits=teacher_logits,
+                distill_alpha=distill_alpha,
+                distill_temperature=distill_temperature,
+                model_ema=model_ema or None,
+                skip_bad_images=skip_bad_images or None,
+                save_every_steps=save_every_steps,
+                seed=seed,
                 workers=workers,
             )
         train(cfg, resume=resume)
@@ -211,8 +235,13 @@ def eval_cmd(
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
     if as_json:
-        payload = dict(loss=result.loss, acc1=result.acc1, acc5=result.acc5, confusion_png=str(png),
-                       per_class=dict(zip(result.classes, result.per_class, strict=True)))
+        payload = dict(
+            loss=result.loss,
+            acc1=result.acc1,
+            acc5=result.acc5,
+            confusion_png=str(png),
+            per_class=dict(zip(result.classes, result.per_class, strict=True)),
+        )
         typer.echo(json.dumps(payload, indent=2))
         return
     from rich.console import Console
@@ -257,8 +286,9 @@ def predict_cmd(
 @app.command("export")
 def export_cmd(
     checkpoint: str = typer.Argument(
-        ..., help="Our .safetensors (architecture read from it), the authors' .pth with --model, "
-        "or a model name with --random-init."
+        ...,
+        help="Our .safetensors (architecture read from it), the authors' .pth with --model, "
+        "or a model name with --random-init.",
     ),
     fmt: str = typer.Option("onnx", "--format", help="onnx, torchscript or exported-program."),
     output: str | None = typer.Option(None, "--output", "-o", help="Destination (default: by CHECKPOINT)."),
