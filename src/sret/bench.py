@@ -29,8 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
 DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
@@ -131,34 +129,6 @@ def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]
     if contender.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(cfg.device), cfg.img_size or default_img_size(model)
-
-
-def count_macs(model: nn.Module, img_size: int) -> int:
-    """Forward MACs of one image: sret.info's counter (FlopCounterMode / 2, SDPA on the math backend).
-
-    That counter runs under no_grad, where FlopCounterMode's module tracker trips over a view of a
-    parameter that requires grad without a grad_fn (pit_ti_224's expanded class token); the same count
-    is then taken with autograd enabled, which only costs the graph of one image.
-    """
-    from sret.info import count_macs as info_count_macs
-
-    try:
-        return info_count_macs(model, img_size)
-    except AssertionError:
-        return _count_macs_with_grad(model, img_size)
-
-
-def _count_macs_with_grad(model: nn.Module, img_size: int) -> int:
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters())
-    x = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
 
 
 def autocast(cfg: BenchConfig) -> AbstractContextManager:
@@ -359,6 +329,8 @@ class _Prepared:
 
 
 def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
+    from sret.info import count_macs
+
     model, img_size = build_model(contender, cfg)
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, img_size)  # before compiling; eager and compiled graphs do the same work

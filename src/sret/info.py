@@ -1,7 +1,8 @@
 """Parameter and MAC accounting: where a SReT spends its weights and its compute.
 
 MACs are torch's FlopCounterMode total / 2 for one image. Attention is counted through the math
-backend of scaled_dot_product_attention, whose matrix products the counter sees on every device.
+backend of scaled_dot_product_attention, whose matrix products the counter sees on every device, and
+hidden layers at their true width (without the zero units that only serve GEMM speed).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sret.model import MODEL_CONFIGS, SReT, StageConfig
+from sret.model import MODEL_CONFIGS, SReT, StageConfig, exact_hidden_widths
 
 # Component of a parameter or module name, first match wins. Coefficients and pre-norms belong to the
 # branch they scale or feed.
@@ -49,7 +50,11 @@ def _count(model: nn.Module, img_size: int | None) -> FlopCounterMode:
     model.eval()
     try:
         # grad stays enabled: the counter's module tracker fails on parameters passed as inputs under no_grad
-        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        with (
+            exact_hidden_widths(model),
+            sdpa_kernel([SDPBackend.MATH]),
+            FlopCounterMode(display=False) as counter,
+        ):
             model(_input(model, img_size))
     finally:
         model.train(was_training)

@@ -15,7 +15,8 @@ then the pretrained configs and registered constructors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
@@ -421,6 +422,20 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
         w1, b1, w2, b2 = weights if weights is not None else self.weights()
         return self.drop(F.linear(self.drop(self.act(F.linear(x, w1, b1))), w2, b2))
+
+
+@contextmanager
+def exact_hidden_widths(model: nn.Module) -> Iterator[None]:
+    """Run `model` without the zero units that pad hidden widths (to count its own MACs, say)."""
+    layers = [m for m in model.modules() if isinstance(m, FeedForward)]
+    pads = [m.pad for m in layers]
+    for m in layers:
+        m.pad = 0
+    try:
+        yield
+    finally:
+        for m, pad in zip(layers, pads, strict=True):
+            m.pad = pad
 
 
 class BlockWeights(NamedTuple):
