@@ -7,14 +7,17 @@ same device in the same run, because images/s alone favours models that simply d
 
 Peak memory: on CUDA the allocator's high-water mark. On CPU there is no allocator counter, so each
 model runs one more step in a fresh child process (``python -m sret.bench --child``), whose memory is
-not muddled by other models; it resets the kernel's RSS high-water mark after building the model,
-optimizer state, gradient buffers and input batch, and "activation memory" is the step's peak RSS
-minus the RSS before it, i.e. what the step itself added (activations and temporaries).
+not muddled by other models, and with glibc returning large blocks to the system on free (so RSS
+follows live tensors rather than the allocator's retained heap); it resets the kernel's RSS
+high-water mark after building the model, optimizer state, gradient buffers and input batch, and
+"activation memory" is the step's peak RSS minus the RSS before it, i.e. what the step itself added
+(activations and temporaries).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sret.runtime import release_cpu_memory
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
 DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
@@ -235,6 +240,17 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# The memory children run with glibc mapping every block of 128 KiB or more on its own and unmapping
+# it on free (a fixed threshold also turns off glibc's adaptive one), so peak RSS follows the tensors
+# alive at the time. With the heap-reusing setting of `sret.runtime` (used for timing), RSS would also
+# hold freed, fragmented blocks, which is the allocator's retention, not the model's memory.
+EXACT_RSS_ENV = {
+    "SRET_NO_MALLOC_TUNING": "1",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
+
+
 def cpu_step_memory(run: Callable[[], None]) -> dict[str, float]:
     """Peak RSS of one call of `run` and what it added over the RSS right before (MiB)."""
     if _reset_peak_rss():
@@ -288,7 +304,11 @@ def measure_memory(contender: Contender, cfg: BenchConfig) -> dict[str, float]:
         return measure_memory_here(contender, cfg)
     spec = json.dumps({"contender": asdict(contender), "config": asdict(cfg)})
     proc = subprocess.run(
-        [sys.executable, "-m", "sret.bench", "--child", spec], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "sret.bench", "--child", spec],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **EXACT_RSS_ENV},
     )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -362,6 +382,7 @@ def run_benchmark(
     log(f"matmul peak: {peak:.1f} GFLOP/s")
     rows = [_row(p, cfg, peak) for p in prepared]
     del prepared
+    release_cpu_memory()  # the timed models' heap, kept for reuse, is not needed by the children
     if cfg.memory:
         for row, entry in zip(rows, entries, strict=True):
             log(f"memory of {entry.label}")

@@ -10,6 +10,7 @@ the heap for reuse, which is what jemalloc or tcmalloc would give with LD_PRELOA
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -39,3 +40,16 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
     return bool(ok)
+
+
+def release_cpu_memory() -> None:
+    """Hand the heap that `tune_cpu_allocator` keeps for reuse back to the system (glibc only).
+
+    For a moment when a large step is over and the memory is better used elsewhere, e.g. before
+    starting a child process that needs it.
+    """
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(path).malloc_trim(0)
