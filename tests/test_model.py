@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -423,8 +422,7 @@ def test_save_load_round_trip_is_identical(tmp_path: Path) -> None:
 
 def test_checkpoint_with_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {"x": torch.nn.Linear(2, 2)}}, f)  # a module object, not weights
+    torch.save({"model": {"x": torch.nn.Linear(2, 2)}}, path)  # a pickled module object, not weights
     with pytest.raises(ValueError, match="cannot read"):
         sret.create_model("sret_nano", checkpoint_path=path)
 
