@@ -329,6 +329,8 @@ def test_too_few_tokens_for_the_groups_is_a_clear_error() -> None:
     model = sret.create_model("sret_t").eval()
     with pytest.raises(ValueError, match="groups"):
         model(torch.randn(1, 3, 16, 16))  # 2x2 tokens in stage 0, sliced into 8 groups
+    with pytest.raises(ValueError, match="stage 0 has 1 tokens at img_size 8"):
+        sret.create_model("sret_t", img_size=8)
 
 
 @pytest.mark.parametrize(

@@ -558,6 +558,11 @@ class SReTStage(nn.Module):
             NonLinearProjection(stage.dim, cfg.nll_ratio, coefficients, drop)
             for _ in range(self.schedule.num_nlls)
         )
+        if max(stage.groups) > num_tokens:
+            raise ValueError(
+                f"stage {index} has {num_tokens} tokens at img_size {cfg.img_size}, too few for "
+                f"{max(stage.groups)} attention groups: use a larger img_size or fewer groups"
+            )
         self.layouts = nn.ModuleList(
             TokenLayout(
                 app.groups,
