@@ -141,8 +141,10 @@ def test_distillation_from_checkpoint_and_from_logits(tmp_path: Path) -> None:
     from sret.train import soft_distillation_loss
 
     logits = torch.randn(4, 10)
-    assert float(soft_distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
-    assert float(soft_distillation_loss(logits, torch.randn(4, 10), 2.0)) > 0
+    soft = torch.softmax(logits / 2.0, -1)
+    entropy = -(soft * soft.log()).sum(-1).mean()  # soft cross-entropy = T² (H(teacher) + KL)
+    assert float(soft_distillation_loss(logits, logits, 2.0)) == pytest.approx(4 * float(entropy), rel=1e-5)
+    assert float(soft_distillation_loss(torch.randn(4, 10), logits, 2.0)) > float(4 * entropy)
 
     teacher = train(tiny(tmp_path, name="teacher", epochs=1)) / "last.safetensors"
     student = train(

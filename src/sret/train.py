@@ -303,10 +303,10 @@ class EpochSampler(Sampler[int]):
 # Distillation
 # --------------------------------------------------------------------------------------------------
 def soft_distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) on temperature-softened logits, scaled by T² (Hinton et al.)."""
-    log_s = F.log_softmax(student.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+    """Soft-label cross-entropy of the student against the teacher's temperature-softened
+    probabilities, scaled by T² so its gradients keep their size as T changes (Hinton et al.)."""
+    soft_targets = F.softmax(teacher.float() / temperature, dim=-1)
+    return F.cross_entropy(student.float() / temperature, soft_targets) * temperature**2
 
 
 def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
