@@ -453,3 +453,19 @@ def test_loading_into_a_new_class_count_keeps_a_fresh_head(tmp_path: Path) -> No
 
 def test_all_registered_models_are_in_the_config_table() -> None:
     assert set(sret.list_models()) == set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("shuffle", ["fixed", "random"])
+def test_captures_as_one_graph_for_torch_compile(shuffle: str) -> None:
+    """fullgraph=True: no graph break in eval or training (aot_eager checks the capture, including
+    autograd, without the minutes of C++ code generation)."""
+    torch.manual_seed(0)
+    model = SReT(tiny_cfg(shuffle=shuffle))
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    model.train()
+    compiled(x).sum().backward()
+    assert model.stages[0].blocks[0].attn.qkv.weight.grad is not None
