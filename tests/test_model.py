@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import timm.optim
 import torch
 
 import sret
@@ -469,3 +470,11 @@ def test_captures_as_one_graph_for_torch_compile(shuffle: str) -> None:
     model.train()
     compiled(x).sum().backward()
     assert model.stages[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_group_matcher_supports_layer_decay() -> None:
+    model = sret.create_model("sret_t")
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.75)
+    scales = sorted({round(g["lr_scale"], 4) for g in optimizer.param_groups})
+    assert scales == [round(0.75**k, 4) for k in (4, 3, 2, 1, 0)]  # stem, three stages, head
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))

@@ -200,31 +200,29 @@ class Application(NamedTuple):
     groups: int  # token groups of sliced attention
     permute: bool  # permute tokens before grouping (and restore them after attention)
     nll: int | None  # NLL applied afterwards, or None
-    drop_path: float  # stochastic-depth rate of the block
 
 
 @dataclass(frozen=True)
 class RecursionSchedule:
     """The ordered list of block applications of one stage.
 
-    For each unique block r, for each loop l: apply block r, then an NLL. This is the order of the
-    official implementation and of the paper's Fig. 3.
+    For each unique block r, for each loop l: apply block r, then an NLL (the authors' order).
     """
 
     applications: tuple[Application, ...]
 
     @classmethod
-    def build(cls, stage: StageConfig, nll: NLLSharing, drop_path: Sequence[float]) -> RecursionSchedule:
+    def build(cls, stage: StageConfig, nll: NLLSharing) -> RecursionSchedule:
         apps = []
         for r in range(stage.blocks):
             for loop in range(stage.loops):
                 index = len(apps)
                 nll_index = {"application": index, "block": r, "none": None}[nll]
                 groups, permute = stage.groups[loop], stage.permute[loop] and stage.groups[loop] > 1
-                apps.append(Application(r, loop, groups, permute, nll_index, drop_path[r]))
+                apps.append(Application(r, loop, groups, permute, nll_index))
         return cls(tuple(apps))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Application]:
         return iter(self.applications)
 
     def __len__(self) -> int:
@@ -545,7 +543,7 @@ class SReTStage(nn.Module):
     def __init__(self, cfg: SReTConfig, index: int, num_tokens: int, drop_path: Sequence[float]) -> None:
         super().__init__()
         stage = cfg.stages[index]
-        self.schedule = RecursionSchedule.build(stage, cfg.nll, drop_path)
+        self.schedule = RecursionSchedule.build(stage, cfg.nll)
         self.random = cfg.shuffle == "random"
         self.random_eval = cfg.random_eval
         self.grad_checkpointing = False
@@ -675,7 +673,7 @@ class SReT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^pos_embed|^patch_embed",
-            blocks=[(r"^stages\.(\d+)|^pools\.(\d+)", None), (r"^norm", (99999,))],
+            blocks=[(r"^stages\.(\d+)", None), (r"^pools\.(\d+)", None), (r"^norm", (99999,))],
         )
 
     @torch.jit.ignore
