@@ -113,6 +113,7 @@ def model_info(name: str, img_size: int | None = None, **overrides) -> ModelInfo
     model = SReT(MODEL_CONFIGS[name], **overrides)
     size = model.img_size[0]
     counter = _count(model, None)
+    total = counter.get_total_flops()
     flops = _strip_root(counter.get_flop_counts())
     macs_by_component = dict.fromkeys(COMPONENTS, 0)
     for module, count in flops.items():  # inclusive counts: take the outermost module of each component
@@ -126,16 +127,27 @@ def model_info(name: str, img_size: int | None = None, **overrides) -> ModelInfo
         name=name,
         img_size=size,
         params=sum(p.numel() for p in model.parameters()),
-        macs=counter.get_total_flops() // 2,
+        macs=total // 2,
         params_by_component=params_by_component,
         macs_by_component=macs_by_component,
         macs_by_stage=[flops.get(f"stages.{i}", 0) // 2 for i in range(len(model.stages))],
-        unsliced_macs=count_macs(unsliced_twin(model)),
+        unsliced_macs=count_macs(unsliced_twin(model)) if is_sliced(model) else total // 2,
     )
 
 
+def is_sliced(model: SReT) -> bool:
+    return any(g > 1 for stage in model.cfg.stages for g in stage.groups)
+
+
 def describe_stage(stage: StageConfig) -> str:
-    groups = "/".join(str(g) for g in stage.groups)
+    """`blocks x loops`, dim, heads and groups per loop (a repeated tail written once)."""
+    first, rest = stage.groups[0], set(stage.groups[1:])
+    if not rest or rest == {first}:
+        groups = str(first)
+    elif len(rest) == 1:
+        groups = f"{first}/{rest.pop()}"
+    else:
+        groups = "/".join(str(g) for g in stage.groups)
     return f"{stage.blocks}x{stage.loops} d{stage.dim} h{stage.heads} g{groups}"
 
 
