@@ -34,8 +34,7 @@ def info_cmd(
     try:
         info = model_info(name, img_size)
     except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise _user_error(e, code=2) from None
     if as_json:
         typer.echo(json.dumps(info.to_dict(), indent=2))
     else:
@@ -49,7 +48,7 @@ def bench_cmd(
     img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: each model's)."),
     train: bool = typer.Option(False, "--train", help="Time a training step: forward + backward + AdamW."),
     compile_: bool = typer.Option(
-        False, "--compile", help="torch.compile(model, fullgraph=True); keep --warmup >= 2 (compiles twice)."
+        False, "--compile", help="torch.compile(model, fullgraph=True); keep --warmup >= 1 (it compiles)."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     amp: str | None = typer.Option(None, "--amp", help="Autocast dtype: bf16."),
@@ -72,8 +71,10 @@ def bench_cmd(
     """Images/s, latency, peak memory and GFLOP/s (and % of matmul peak) next to timm references."""
     import json
 
+    import timm
     from rich.console import Console
 
+    import sret  # noqa: F401  (registers the SReT variants with timm)
     from sret.bench import DEFAULT_MODELS, REFERENCES, BenchConfig, contenders, print_report, run_benchmark
 
     try:
@@ -90,9 +91,11 @@ def bench_cmd(
             repeats=repeats,
             memory=memory,
         )
+        unknown = [name for name in models or () if not timm.is_model(name)]
+        if unknown:
+            raise ValueError(f"unknown model(s): {', '.join(unknown)} (see `sret models`)")
     except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise _user_error(e, code=2) from None
     references = REFERENCES if reference else ()
     entries = contenders(models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing)
     console = Console(stderr=True)
@@ -103,14 +106,14 @@ def bench_cmd(
         print_report(result)
 
 
-def _user_error(e: BaseException) -> typer.Exit:
+def _user_error(e: BaseException, code: int = 1) -> typer.Exit:
     """Print one `error:` line for a problem the user can fix; the caller raises the returned Exit.
 
     Errors re-raised from data-loader workers carry the worker traceback; the last line is the cause.
     """
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     typer.echo(f"error: {lines[-1] if lines else type(e).__name__}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(code)
 
 
 @app.command("train")
@@ -307,11 +310,9 @@ def export_cmd(
     try:
         result = export_model(checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol)
     except ExportRefused as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(3) from None
+        raise _user_error(e, code=3) from None
     except (ValueError, FileNotFoundError, ExportMismatch) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise _user_error(e, code=2) from None
     typer.echo(
         f"wrote {result.path} ({result.format} via {result.exporter}, {result.model_name}, "
         f"shuffle={result.shuffle}, {result.img_size}px); "
