@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import timm
+import torch
 from typer.testing import CliRunner
 
-from sret.bench import BenchConfig, contenders, run_benchmark
+from sret.bench import BenchConfig, Contender, build_model, contenders, run_benchmark
 from sret.cli import app
 
 ROW_FIELDS = {
@@ -66,3 +69,18 @@ def test_training_with_checkpointing_comparison() -> None:
     whats = {c["what"] for c in doc["comparisons"]}
     assert "sret_nano: step time with / without checkpointing" in whats
     assert "sret_nano: activation memory without / with checkpointing" in whats
+
+
+def test_every_model_gets_the_same_drop_path_rate() -> None:
+    """timm's references default to no stochastic depth and SReT to 0.1: a training step would then do
+    different work, so the bench sets one rate for all."""
+    from timm.layers import DropPath
+
+    def rates(model: torch.nn.Module) -> list[float]:
+        return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+    cfg = BenchConfig(drop_path=0.2, img_size=32)
+    sret_model, _ = build_model(Contender("sret_nano"), cfg)
+    deit, _ = build_model(Contender("deit_tiny_patch16_224"), cfg)
+    assert rates(sret_model) == rates(timm.create_model("sret_nano", drop_path_rate=0.2))
+    assert max(rates(deit)) == pytest.approx(0.2)

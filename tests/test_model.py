@@ -11,6 +11,7 @@ import timm.optim
 import torch
 
 import sret
+from sret import fused
 from sret.info import count_macs, model_info
 from sret.model import (
     MODEL_CONFIGS,
@@ -249,6 +250,22 @@ def test_inference_mode_then_training_works() -> None:
     model(x).sum().backward()
     model(torch.randn(1, 3, 40, 24)).sum().backward()
     assert model.stages[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.skipif(not fused.ONEDNN_OPS, reason="this torch build has no oneDNN fused ops")
+def test_fused_cpu_inference_matches_the_plain_ops() -> None:
+    """Eager no-grad CPU inference runs oneDNN kernels with bias and GELU/ReLU fused; the outputs must
+    be those of the composite ops (which run whenever autograd is on) to float rounding."""
+    model = SReT(tiny_cfg(shuffle="fixed")).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert fused.use_onednn(x)
+        with torch.profiler.profile() as prof:
+            out = model(x)
+    calls = [e.name for e in prof.events() if "pointwise" in e.name]
+    assert any("_linear_pointwise" in c for c in calls) and any("_convolution_pointwise" in c for c in calls)
+    assert not fused.use_onednn(x)  # autograd on: the plain ops run
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_shared_block_folds_its_weights_once_per_forward() -> None:

@@ -54,6 +54,9 @@ def bench_cmd(
     amp: str | None = typer.Option(None, "--amp", help="Autocast dtype: bf16."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
     shuffle: str | None = typer.Option(None, "--shuffle", help="Override SReT shuffle: none, fixed, random."),
+    drop_path: float = typer.Option(
+        0.1, "--drop-path", help="Stochastic depth rate, the same for every model (training cost)."
+    ),
     grad_checkpointing: bool = typer.Option(
         False, "--grad-checkpointing", help="Checkpoint every block application (all models)."
     ),
@@ -87,6 +90,7 @@ def bench_cmd(
             amp=amp,
             threads=threads,
             shuffle=shuffle,
+            drop_path=drop_path,
             warmup=warmup,
             repeats=repeats,
             memory=memory,
