@@ -9,6 +9,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
+from sret import fused
 from sret.bench import BenchConfig, Contender, build_model, contenders, run_benchmark
 from sret.cli import app
 
@@ -42,6 +43,7 @@ def test_cli_bench_json_inference() -> None:
     doc = json.loads(result.stdout)
     assert {"device", "torch", "threads", "config", "matmul_peak_gflops", "rows", "comparisons"} <= set(doc)
     assert doc["matmul_peak_gflops"] > 0 and doc["threads"] >= 1
+    assert doc["sret_fused_kernels"] is fused.ONEDNN_OPS  # eager fp32 CPU inference
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["sret_nano", "deit_tiny_patch16_224", "pit_ti_224"]
     for row in doc["rows"]:
@@ -58,6 +60,7 @@ def test_training_with_checkpointing_comparison() -> None:
     cfg = BenchConfig(batch=2, img_size=32, train=True, warmup=0, repeats=1)
     entries = contenders(["sret_nano"], references=(), compare_checkpointing=True)
     doc = run_benchmark(entries, cfg)
+    assert doc["sret_fused_kernels"] is False  # training runs the plain ops
     json.dumps(doc)  # serialisable as is
     assert [r["label"] for r in doc["rows"]] == ["sret_nano", "sret_nano +ckpt"]
     assert [r["grad_checkpointing"] for r in doc["rows"]] == [False, True]

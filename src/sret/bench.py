@@ -398,12 +398,21 @@ def run_benchmark(
         "device": device_info(cfg.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "sret_fused_kernels": fused_kernels_apply(cfg),
         "config": asdict(cfg),
         "matmul_peak_gflops": peak,
         "train_mac_factor": TRAIN_MAC_FACTOR if cfg.train else 1,
         "rows": [asdict(r) for r in rows],
         "comparisons": comparisons(rows),
     }
+
+
+def fused_kernels_apply(cfg: BenchConfig) -> bool:
+    """Whether SReT runs its oneDNN-fused kernels (:mod:`sret.fused`) in this configuration."""
+    from sret import fused
+
+    eager_cpu_fp32 = torch.device(cfg.device).type == "cpu" and cfg.amp is None and not cfg.compile
+    return fused.ONEDNN_OPS and torch.backends.mkldnn.enabled and eager_cpu_fp32 and not cfg.train
 
 
 def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
@@ -548,6 +557,8 @@ def print_report(result: dict[str, Any]) -> None:
             f"training GFLOP/s count {TRAIN_MAC_FACTOR}x the forward MACs (forward + backward); "
             f"drop-path rate {cfg['drop_path']} for every model"
         )
+    if result.get("sret_fused_kernels"):
+        notes.append("SReT ran bias, GELU and ReLU fused into oneDNN linear/conv kernels (sret.fused)")
     if cfg["memory"]:
         total = "allocated (CUDA)" if cfg["device"].startswith("cuda") else "RSS of a fresh process"
         held = "weights, grads, AdamW state, batch" if cfg["train"] else "weights and batch"
