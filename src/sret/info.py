@@ -49,7 +49,8 @@ def _count(model: nn.Module, img_size: int | None) -> FlopCounterMode:
     was_training = model.training
     model.eval()
     try:
-        # grad stays enabled: the counter's module tracker fails on parameters passed as inputs under no_grad
+        # grad stays enabled: the counter's module tracker fails on parameters passed as inputs under
+        # no_grad, and with autograd on the model runs plain aten ops (not sret.fused's), which it counts
         with (
             exact_hidden_widths(model),
             sdpa_kernel([SDPBackend.MATH]),
