@@ -87,3 +87,8 @@ def test_every_model_gets_the_same_drop_path_rate() -> None:
     deit, _ = build_model(Contender("deit_tiny_patch16_224"), cfg)
     assert rates(sret_model) == rates(timm.create_model("sret_nano", drop_path_rate=0.2))
     assert max(rates(deit)) == pytest.approx(0.2)
+
+
+def test_models_without_stochastic_depth_or_img_size_still_build() -> None:
+    model, size = build_model(Contender("dla34"), BenchConfig(img_size=64))
+    assert size == 64 and sum(p.numel() for p in model.parameters()) > 0

@@ -126,19 +126,32 @@ def default_img_size(model: nn.Module) -> int:
 
 def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]:
     """A randomly initialised model on the device, and the resolution it will be fed."""
-    import timm
-
     import sret  # noqa: F401  (registers the SReT variants with timm)
 
-    kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path}
-    if cfg.img_size is not None:
-        kwargs["img_size"] = cfg.img_size
+    kwargs: dict[str, Any] = {}
     if cfg.shuffle is not None and is_sret(contender.name):
         kwargs["shuffle"] = cfg.shuffle
-    model = timm.create_model(contender.name, pretrained=False, **kwargs)
+    optional = {"drop_path_rate": cfg.drop_path}
+    if cfg.img_size is not None:
+        optional["img_size"] = cfg.img_size
+    model = _create(contender.name, kwargs, optional)
     if contender.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(cfg.device), cfg.img_size or default_img_size(model)
+
+
+def _create(name: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> nn.Module:
+    """timm.create_model, leaving out the `optional` keywords that the architecture rejects (models
+    without stochastic depth or a fixed input size, such as most CNNs, take neither)."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs, **optional)
+    except TypeError as e:
+        rejected = [key for key in optional if f"'{key}'" in str(e)]
+        if not rejected:
+            raise
+        return _create(name, kwargs, {k: v for k, v in optional.items() if k != rejected[0]})
 
 
 def autocast(cfg: BenchConfig) -> AbstractContextManager:
