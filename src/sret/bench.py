@@ -421,11 +421,14 @@ def run_benchmark(
 
 
 def fused_kernels_apply(cfg: BenchConfig) -> bool:
-    """Whether SReT runs its oneDNN-fused kernels (:mod:`sret.fused`) in this configuration."""
+    """Whether SReT runs its oneDNN-fused kernels (:mod:`sret.fused`) in this configuration: asked of
+    `fused.use_onednn` in the inference step's own context (training and compiled steps never do)."""
     from sret import fused
 
-    eager_cpu_fp32 = torch.device(cfg.device).type == "cpu" and cfg.amp is None and not cfg.compile
-    return fused.ONEDNN_OPS and torch.backends.mkldnn.enabled and eager_cpu_fp32 and not cfg.train
+    if cfg.train or cfg.compile:
+        return False
+    with torch.inference_mode(), autocast(cfg):
+        return fused.use_onednn(torch.empty(0, device=cfg.device))
 
 
 def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
