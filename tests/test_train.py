@@ -178,6 +178,20 @@ def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
     assert metrics["train_loss"] > 0 and 0.0 <= metrics["val_acc1"] <= 1.0
 
 
+def test_compiled_training_saves_plain_weights(tmp_path: Path) -> None:
+    """--compile wraps only the training forward: checkpoints keep the model's own parameter names."""
+    from safetensors.torch import load_file
+
+    from sret import create_model
+
+    run = train(tiny(tmp_path, epochs=1, compile="aot_eager"))  # capture + autograd, no codegen: fast
+    assert final_metrics(run)["train_loss"] > 0
+    saved = load_file(run / "last.safetensors")
+    assert set(saved) == set(create_model("sret_nano", num_classes=10).state_dict())
+    with pytest.raises(UserError, match=r"compile must be none or a torch\.compile backend"):
+        tiny(tmp_path, name="bad", compile="turbo")
+
+
 def test_ranks_split_each_global_batch_of_the_single_process_order() -> None:
     from sret.train import Dist, EpochSampler
 

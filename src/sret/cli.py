@@ -137,6 +137,9 @@ def train_cmd(
     resume: str | None = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     amp: str | None = typer.Option(None, "--amp", help="Mixed precision: none, bf16 or fp16 (GPU)."),
+    compile_: str | None = typer.Option(
+        None, "--compile", help="torch.compile the training forward with this backend, e.g. inductor."
+    ),
     teacher: str | None = typer.Option(
         None, "--teacher", help="Distill from a timm model name or checkpoint."
     ),
@@ -180,6 +183,7 @@ def train_cmd(
                 name=name,
                 device=device,
                 amp=amp,
+                compile=compile_,
                 teacher=teacher,
                 teacher_logits=teacher_logits,
                 distill_alpha=distill_alpha,

@@ -317,9 +317,11 @@ class TokenLayout(nn.Module):
         return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(self.seed))
 
     def forward(self, num_tokens: int, random: bool, device: torch.device) -> TokenGroups:
-        """The layout for `num_tokens` tokens; `random` draws a fresh permutation (torch's global RNG)."""
+        """The layout for `num_tokens` tokens; `random` draws a fresh permutation from the global RNG of
+        `device`, on the device itself: a host-drawn one would cost a host-to-device copy, and with it a
+        stream synchronisation, per application."""
         if random and self.permute:
-            return token_groups(num_tokens, self.groups, torch.randperm(num_tokens).to(device))
+            return token_groups(num_tokens, self.groups, torch.randperm(num_tokens, device=device))
         if num_tokens == self.num_tokens:
             return TokenGroups(self.groups, self.size, self.gather, self.scatter, self.key_mask)
         perm = self.fixed_permutation(num_tokens)

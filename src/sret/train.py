@@ -99,6 +99,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     # run
     amp: str = "none"
+    compile: str = "none"  # a torch.compile backend for the training forward (e.g. inductor), or none
     device: str = "auto"
     seed: int = 0
     workers: int = 0
@@ -119,6 +120,15 @@ class TrainConfig:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.compile != "none":
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in backends:
+                raise UserError(
+                    f"compile must be none or a torch.compile backend ({', '.join(backends)}), "
+                    f"got {self.compile!r}"
+                )
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
             raise UserError("distill_alpha must be in [0, 1] and distill_temperature > 0")
         if self.teacher and self.teacher_logits:
@@ -228,6 +238,10 @@ def setup_distributed(device: str) -> Dist:
             raise UserError("device cuda requested but no GPU is available")
         if world > 1:
             dev = torch.device("cuda", local)
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {dev} requested but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -439,8 +453,11 @@ class Run:
             model.set_grad_checkpointing()
         model.to(d.device)
         self.model = model
+        # On GPUs Adam(W) runs as torch's fused kernels: SReT has 2x deit's parameter tensors (a residual
+        # scalar pair per block, an NLL per application), which the per-tensor path pays for in launches.
+        fused = {"fused": True} if d.device.type == "cuda" and cfg.opt.lower() in ("adam", "adamw") else {}
         self.optimizer = create_optimizer_v2(
-            model, opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay
+            model, opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay, **fused
         )
         self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         if d.world_size > 1:
@@ -449,6 +466,14 @@ class Run:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[d.device] if d.device.type == "cuda" else None
             )
+        # Training steps run compiled; validation stays eager: its last batch is smaller and eval mode
+        # would compile a second graph, for a pass that is a small part of the run. Training shapes never
+        # change (drop_last), so the graph is static: dynamic=False also keeps a second compiled model of
+        # the same class in one process (another size or batch) from recompiling with symbolic shapes,
+        # which inductor's GPU code generation failed on (torch 2.11, H100).
+        self.eval_net = model
+        if cfg.compile != "none":
+            model = torch.compile(model, backend=cfg.compile, dynamic=False)
         self.net = model
 
         self.teacher = build_teacher(cfg, len(self.classes), d.device) if cfg.teacher else None
@@ -698,7 +723,7 @@ class Run:
     def run_epoch(self, progress: Any) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
         train_loss, train_acc, rate, seconds = self.train_epoch(progress)
-        val_loss, acc1, acc5 = self.validate(self.net)
+        val_loss, acc1, acc5 = self.validate(self.eval_net)
         row = dict(
             epoch=self.epoch + 1,
             train_loss=train_loss,
