@@ -186,8 +186,7 @@ RUNNERS = {
 # Export + verification
 # --------------------------------------------------------------------------------------------------
 def max_abs_diff(model: nn.Module, run: Callable[[Tensor], Tensor], inputs: list[Tensor]) -> float:
-    """Largest |artifact - PyTorch| over the inputs (no_grad: inference tensors would poison the model's
-    cached layouts for later autograd use)."""
+    """Largest |artifact - PyTorch| over the inputs."""
     worst = 0.0
     with torch.no_grad():
         for x in inputs:
