@@ -61,31 +61,14 @@ def test_training_skips_bad_images_end_to_end(tmp_path: Path) -> None:
     from sret.train import final_metrics, resolve_config, train
 
     data = _image_folder(tmp_path / "data")
-    cfg = resolve_config(
-        "digits",
-        dataset="imagefolder",
-        data_dir=str(data),
-        batch_size=2,
-        epochs=1,
-        threads=1,
-        output=str(tmp_path / "runs"),
-        name="r",
-        skip_bad_images=True,
-        warmup_epochs=0,
+    common = dict(
+        dataset="imagefolder", data_dir=str(data), epochs=1, threads=1, output=str(tmp_path / "runs")
     )
+    cfg = resolve_config("digits", **common, batch_size=2, name="r", skip_bad_images=True, warmup_epochs=0)
     with pytest.warns(UserWarning, match=r"broken\.png"):
         run = train(cfg)
     assert 0.0 <= final_metrics(run)["val_acc1"] <= 1.0
-    strict = resolve_config(
-        "digits",
-        dataset="imagefolder",
-        data_dir=str(data),
-        batch_size=7,
-        epochs=1,
-        output=str(tmp_path / "runs"),
-        name="strict",
-        threads=1,
-    )
+    strict = resolve_config("digits", **common, batch_size=7, name="strict")
     with pytest.raises(BadImageError, match=r"broken\.png"):
         train(strict)
 
