@@ -57,6 +57,7 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(saved) == tiny(tmp_path, model_ema=True, model_ema_decay=0.9)
     state = torch.load(run / STATE_FILE, weights_only=True)  # no pickled objects in the state
     assert state["epoch"] == 2 and state["step"] == 0 and len(state["history"]) == 2
+    assert state["optimizer"]["param_groups"][0]["fused"]  # torch's fused AdamW kernel on CPU
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny(tmp_path))
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sret.runtime import release_cpu_memory
+from sret.runtime import has_fused_adam, release_cpu_memory
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
 DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
@@ -183,10 +183,9 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
         return Step(infer)
 
     y = torch.randint(0, getattr(model, "num_classes", 1000), (cfg.batch,), device=cfg.device)
-    # torch's fused AdamW on GPUs, for every model alike (per-tensor launches would otherwise charge
-    # models with many small parameter tensors, such as SReT's residual scalars, for launch latency)
-    fused = torch.device(cfg.device).type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+    # torch's fused AdamW where it has one, for every model alike (the per-tensor path would otherwise
+    # charge models with many small parameter tensors, such as SReT's residual scalars, per tensor)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=has_fused_adam(cfg.device) or None)
 
     def train_step() -> None:
         with autocast(cfg):

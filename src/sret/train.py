@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from sret.data import Augment, Preprocess, UserError, WithIndex, build_datasets, build_mixup, subset
+from sret.runtime import has_fused_adam
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "last_state.pt"
@@ -453,9 +454,9 @@ class Run:
             model.set_grad_checkpointing()
         model.to(d.device)
         self.model = model
-        # On GPUs Adam(W) runs as torch's fused kernels: SReT has 2x deit's parameter tensors (a residual
-        # scalar pair per block, an NLL per application), which the per-tensor path pays for in launches.
-        fused = {"fused": True} if d.device.type == "cuda" and cfg.opt.lower() in ("adam", "adamw") else {}
+        # Adam(W) runs as torch's fused kernels where it has them (see sret.runtime.has_fused_adam).
+        adam = cfg.opt.lower() in ("adam", "adamw")
+        fused = {"fused": True} if adam and has_fused_adam(d.device) else {}
         self.optimizer = create_optimizer_v2(
             model, opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay, **fused
         )
