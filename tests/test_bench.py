@@ -92,3 +92,20 @@ def test_every_model_gets_the_same_drop_path_rate() -> None:
 def test_models_without_stochastic_depth_or_img_size_still_build() -> None:
     model, size = build_model(Contender("dla34"), BenchConfig(img_size=64))
     assert size == 64 and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "tpu"], "device must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--img-size", "0"], "img_size must be >= 1, got 0"),
+        (["--img-size", "8"], "sret_nano cannot run at img_size 8: stage 0 has 1 tokens"),
+        (["--img-size", "12", "--no-reference", "deit_tiny_patch16_224"], "deit_tiny_patch16_224 cannot run"),
+    ],
+)
+def test_cli_bench_bad_configurations_are_one_line_errors(args: list[str], message: str) -> None:
+    """Caught before any timing: the model runs once on one image while its MACs are counted."""
+    result = CliRunner().invoke(app, ["bench", "sret_nano", "--no-memory", "--repeats", "1", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert result.output.count("error:") == 1

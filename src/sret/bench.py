@@ -40,6 +40,10 @@ DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
 TRAIN_MAC_FACTOR = 3  # forward + backward ~ 3x the forward MACs (backward computes two products per one)
 
 
+class BenchError(ValueError):
+    """A model cannot run in the requested configuration (an input size it rejects, say)."""
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to run and how; shared by the timing pass and the memory children."""
@@ -64,8 +68,16 @@ class BenchConfig:
             raise ValueError(f"amp must be 'bf16' or unset, got {self.amp!r}")
         if self.shuffle not in (None, "none", "fixed", "random"):
             raise ValueError(f"shuffle must be none, fixed or random, got {self.shuffle!r}")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda requested, but CUDA is not available")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {self.img_size}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
@@ -370,11 +382,18 @@ class _Prepared:
 
 
 def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
+    """Build a contender and count its MACs, which runs it once on one image: a model that rejects the
+    configuration (its input size, say) fails here, before any timing, with a BenchError naming it."""
     from sret.info import count_macs
 
-    model, img_size = build_model(contender, cfg)
+    try:
+        model, img_size = build_model(contender, cfg)
+        macs = count_macs(model, img_size)  # before compiling; eager and compiled graphs do the same work
+    except (ValueError, AssertionError, RuntimeError) as e:
+        size = f"img_size {cfg.img_size}" if cfg.img_size is not None else "its default img_size"
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise BenchError(f"{contender.label} cannot run at {size}: {reason}") from e
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(model, img_size)  # before compiling; eager and compiled graphs do the same work
     return _Prepared(contender, make_step(model, img_size, cfg), img_size, params, macs)
 
 

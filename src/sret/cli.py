@@ -78,7 +78,15 @@ def bench_cmd(
     from rich.console import Console
 
     import sret  # noqa: F401  (registers the SReT variants with timm)
-    from sret.bench import DEFAULT_MODELS, REFERENCES, BenchConfig, contenders, print_report, run_benchmark
+    from sret.bench import (
+        DEFAULT_MODELS,
+        REFERENCES,
+        BenchConfig,
+        BenchError,
+        contenders,
+        print_report,
+        run_benchmark,
+    )
 
     try:
         cfg = BenchConfig(
@@ -103,7 +111,10 @@ def bench_cmd(
     references = REFERENCES if reference else ()
     entries = contenders(models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing)
     console = Console(stderr=True)
-    result = run_benchmark(entries, cfg, log=lambda msg: console.log(msg))
+    try:
+        result = run_benchmark(entries, cfg, log=lambda msg: console.log(msg))
+    except BenchError as e:
+        raise _user_error(e, code=2) from None
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
