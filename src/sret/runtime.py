@@ -6,6 +6,8 @@ activation of every layer is page-faulted and zeroed by the kernel again. A SReT
 hundreds of such blocks per step: measured on a 2-core machine, this alone made sret_t inference
 about 6x slower than with blocks reused from the heap. Raising the thresholds keeps freed blocks in
 the heap for reuse, which is what jemalloc or tcmalloc would give with LD_PRELOAD.
+
+Also here, shared by training and the benchmark: which devices have torch's fused optimizer kernels.
 """
 
 from __future__ import annotations
