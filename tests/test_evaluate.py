@@ -57,11 +57,12 @@ def test_predict_names_classes_and_matches_eval_input(run: Path, tmp_path: Path)
         pixels = np.uint8(np.clip(digits.images[val_idx[i]] * 255 / 16, 0, 255))
         Image.fromarray(pixels).save(paths[-1])
     val = build_datasets("digits").val
-    ranked = predict(run / "best.safetensors", paths, topk=3)
+    result = predict(run / "best.safetensors", paths, topk=3)
+    assert list(result.ranked) == [str(p) for p in paths] and result.skipped == []
     model = load_trained(run / "best.safetensors").model
     with torch.no_grad():
         expected = model(val.tensors[0][:3]).softmax(-1)
-    for row, probs in zip(ranked, expected, strict=True):
+    for row, probs in zip(result.ranked.values(), expected, strict=True):
         assert len(row) == 3 and row[0][1] >= row[1][1] >= row[2][1]
         assert row[0][0] == str(int(probs.argmax()))
         assert row[0][1] == pytest.approx(float(probs.max()), abs=1e-5)
@@ -69,12 +70,50 @@ def test_predict_names_classes_and_matches_eval_input(run: Path, tmp_path: Path)
     assert out.exit_code == 0 and out.stdout.count("%") == 2
 
 
+def _digit_pngs(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"{i:02d}.png")
+        Image.fromarray(np.uint8(digits.images[i] * 255 / 16)).save(paths[-1])
+    return paths
+
+
+def test_predict_takes_folders_in_batches_and_skips_bad_images_on_request(run: Path, tmp_path: Path) -> None:
+    paths = _digit_pngs(tmp_path / "imgs" / "sub", 5)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image, not an image suffix")
+    whole = predict(run / "best.safetensors", paths, topk=2, batch_size=64)
+    by_folder = predict(run / "best.safetensors", [tmp_path / "imgs"], topk=2, batch_size=2)
+    assert list(by_folder.ranked) == [str(p) for p in paths]  # sorted, recursive, images only
+    for image, ranked in whole.ranked.items():
+        assert [c for c, _ in by_folder.ranked[image]] == [c for c, _ in ranked]
+        for (_, p), (_, q) in zip(by_folder.ranked[image], ranked, strict=True):
+            assert p == pytest.approx(q, abs=1e-5)
+
+    bad = tmp_path / "imgs" / "sub" / "zz.png"
+    bad.write_bytes(b"truncated")
+    skipping = predict(run / "best.safetensors", [tmp_path / "imgs"], batch_size=2, skip_bad_images=True)
+    assert skipping.skipped == [str(bad)] and list(skipping.ranked) == [str(p) for p in paths]
+    out = CliRunner().invoke(
+        app, ["predict", str(run / "best.safetensors"), str(tmp_path / "imgs"), "--skip-bad-images", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert doc[str(bad)] is None and len(doc) == 6
+    assert out.stderr.count("\n") == 1 and "zz.png" in out.stderr
+
+
 def test_predict_and_eval_errors_are_one_line(run: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (["predict", str(run / "best.safetensors"), str(bad)], "bad.png"),
         (["predict", str(tmp_path / "none.safetensors"), str(bad)], "checkpoint not found"),
+        (["predict", str(run / "best.safetensors"), str(tmp_path / "missing.png")], "image not found"),
+        (["predict", str(run / "best.safetensors"), str(empty)], "no image files"),
         (["eval", str(run / "best.safetensors"), "--dataset", "cifar10"], "needs --data-dir"),
     ]
     for args, message in cases:

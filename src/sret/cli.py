@@ -281,10 +281,16 @@ def eval_cmd(
 @app.command("predict")
 def predict_cmd(
     checkpoint: str = typer.Argument(..., help="Weights written by `sret train` (.safetensors)."),
-    images: list[str] = typer.Argument(..., help="Image files."),
+    images: list[str] = typer.Argument(..., help="Image files, or folders of them (searched recursively)."),
     topk: int = typer.Option(5, "--topk", min=1),
     device: str = typer.Option("cpu", "--device"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    skip_bad_images: bool = typer.Option(
+        False, "--skip-bad-images", help="Skip unreadable images with a warning instead of stopping."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: {image: {class: probability}}, null for a skipped image."
+    ),
 ) -> None:
     """Top-k class names and probabilities for each image."""
     import json
@@ -293,13 +299,16 @@ def predict_cmd(
     from sret.evaluate import predict
 
     try:
-        results = predict(checkpoint, images, topk, device)
+        result = predict(checkpoint, images, topk, device, batch_size, skip_bad_images)
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
+    for path in result.skipped:
+        typer.echo(f"warning: skipped unreadable image {path}", err=True)
     if as_json:
-        typer.echo(json.dumps({img: dict(r) for img, r in zip(images, results, strict=True)}, indent=2))
+        doc = {img: dict(ranked) for img, ranked in result.ranked.items()}
+        typer.echo(json.dumps(doc | dict.fromkeys(result.skipped), indent=2))
         return
-    for img, ranked in zip(images, results, strict=True):
+    for img, ranked in result.ranked.items():
         typer.echo(img)
         for cls, p in ranked:
             typer.echo(f"  {p:7.2%}  {cls}")

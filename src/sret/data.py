@@ -114,10 +114,12 @@ class RGBLoader:
                 raise BadImageError(
                     f"cannot read image {path}: {e} (use --skip-bad-images to skip such files)"
                 ) from None
-            raise _Skip(path, e) from None
+            raise SkippedImage(path, e) from None
 
 
-class _Skip(Exception):
+class SkippedImage(Exception):
+    """An unreadable image that a non-strict RGBLoader passes over, for its caller to skip and count."""
+
     def __init__(self, path: str, error: Exception) -> None:
         super().__init__(path)
         self.path, self.error = path, error
@@ -145,7 +147,7 @@ class SkippingImageFolder(Dataset):
         for offset in range(len(self.folder)):
             try:
                 return self.folder[(index + offset) % len(self.folder)]
-            except _Skip as skip:
+            except SkippedImage as skip:
                 with self.skipped.get_lock():
                     self.skipped.value += 1
                 warnings.warn(f"skipping unreadable image {skip.path}: {skip.error}", stacklevel=2)

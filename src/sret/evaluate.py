@@ -12,15 +12,16 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from sret.data import Preprocess, RGBLoader, UserError, build_datasets
+from sret.data import Preprocess, RGBLoader, SkippedImage, UserError, build_datasets
 
 
 @torch.no_grad()
@@ -169,22 +170,61 @@ def plot_confusion(cm: Tensor, classes: list[str], path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
+class Predictions(NamedTuple):
+    """What `predict` returns: top-k per readable image (input order) and the images passed over."""
+
+    ranked: dict[str, list[tuple[str, float]]]  # image path -> [(class name, probability)], best first
+    skipped: list[str]  # unreadable images, with skip_bad_images
+
+
+def image_files(paths: list[str | Path]) -> list[str]:
+    """The image files named: files as given, folders expanded to the images below them (sorted)."""
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
+            )
+            if not found:
+                raise UserError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in folder {path}")
+            files += found
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise UserError(f"image not found: {path}")
+    return files
+
+
 def predict(
-    checkpoint: str | Path, images: list[str | Path], topk: int = 5, device: str = "cpu"
-) -> list[list[tuple[str, float]]]:
-    """Top-k (class name, probability) for each image file."""
+    checkpoint: str | Path,
+    images: list[str | Path],
+    topk: int = 5,
+    device: str = "cpu",
+    batch_size: int = 64,
+    skip_bad_images: bool = False,
+) -> Predictions:
+    """Top-k (class name, probability) for each image file (or each image in a folder), `batch_size`
+    images at a time, so a folder of any size runs in bounded memory."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     trained = load_trained(checkpoint, device)
-    tf, load = trained.pre.eval_transform(), RGBLoader(strict=True)
-    batch = []
-    for image in images:
-        if not Path(image).is_file():
-            raise UserError(f"image not found: {image}")
-        batch.append(tf(load(str(image))))
-    with torch.no_grad():
-        probs = trained.model(torch.stack(batch).to(device)).float().softmax(-1).cpu()
-    k = min(topk, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [
-        [(trained.classes[i], float(p)) for p, i in zip(vs.tolist(), ids.tolist(), strict=True)]
-        for vs, ids in zip(values, indices, strict=True)
-    ]
+    tf, load = trained.pre.eval_transform(), RGBLoader(strict=not skip_bad_images)
+    files, ranked, skipped = image_files(images), {}, []
+    k = min(topk, len(trained.classes))
+    for start in range(0, len(files), batch_size):
+        names, batch = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                batch.append(tf(load(path)))
+            except SkippedImage:
+                skipped.append(path)
+                continue
+            names.append(path)
+        if not batch:
+            continue
+        with torch.inference_mode():
+            probs = trained.model(torch.stack(batch).to(device)).float().softmax(-1).cpu()
+        values, indices = probs.topk(k, dim=1)
+        for name, vs, ids in zip(names, values.tolist(), indices.tolist(), strict=True):
+            ranked[name] = [(trained.classes[i], p) for p, i in zip(vs, ids, strict=True)]
+    return Predictions(ranked, skipped)
