@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sret.data import BadImageError, UserError, build_datasets, build_mixup, subset
+from sret.data import IGNORE_LABEL, BadImageError, UserError, build_datasets, build_mixup, subset
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -55,6 +55,28 @@ def test_image_folder_skips_and_counts_bad_files(tmp_path: Path) -> None:
         items = [splits.train[i] for i in range(len(splits.train))]
     assert all(img.shape == (3, 32, 32) for img, _ in items)
     assert splits.skipped == 1
+    # a training image's stand-in (the next readable file, here the first dog) is trained on
+    assert [label for _, label in items] == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_unreadable_validation_images_are_left_out_of_the_scores(tmp_path: Path) -> None:
+    from sret.evaluate import evaluate
+    from sret.train import final_metrics, resolve_config, train
+
+    data = _image_folder(tmp_path / "data")
+    (data / "val" / "dog" / "0broken.png").write_bytes(b"\x89PNG not really")
+    splits = build_datasets("imagefolder", data, skip_bad_images=True)
+    with pytest.warns(UserWarning, match=r"0broken\.png"):
+        labels = [splits.val[i][1] for i in range(len(splits.val))]
+    assert labels.count(IGNORE_LABEL) == 1 and len(labels) == 7
+
+    common = dict(dataset="imagefolder", data_dir=str(data), epochs=1, threads=1, batch_size=2)
+    cfg = resolve_config("digits", **common, output=str(tmp_path / "runs"), name="r", skip_bad_images=True)
+    with pytest.warns(UserWarning):
+        run = train(cfg)
+        result = evaluate(run / "last.safetensors", skip_bad_images=True)
+    assert int(result.confusion.sum()) == 6 and result.skipped == 1
+    assert result.acc1 == pytest.approx(final_metrics(run)["val_acc1"])
 
 
 def test_training_skips_bad_images_end_to_end(tmp_path: Path) -> None:

@@ -240,7 +240,9 @@ def eval_cmd(
     confusion: str | None = typer.Option(
         None, "--confusion", help="Confusion-matrix PNG (default: beside the checkpoint)."
     ),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images"),
+    skip_bad_images: bool = typer.Option(
+        False, "--skip-bad-images", help="Leave unreadable images out of the scores instead of stopping."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Top-1/top-5 accuracy, loss, per-class accuracy and a confusion matrix on a validation split."""
@@ -256,11 +258,14 @@ def eval_cmd(
         result = evaluate(checkpoint, dataset, data_dir, batch_size, device, png, skip_bad_images)
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
+    if result.skipped:
+        typer.echo(f"warning: skipped {result.skipped} unreadable image(s), left out of the scores", err=True)
     if as_json:
         payload = dict(
             loss=result.loss,
             acc1=result.acc1,
             acc5=result.acc5,
+            skipped=result.skipped,
             confusion_png=str(png),
             per_class=dict(zip(result.classes, result.per_class, strict=True)),
         )

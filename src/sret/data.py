@@ -125,17 +125,22 @@ class SkippedImage(Exception):
         self.path, self.error = path, error
 
 
+IGNORE_LABEL = -1  # label of a validation image's stand-in: left out of every metric
+
+
 class SkippingImageFolder(Dataset):
     """An `ImageFolder` that replaces an unreadable image by the next readable one, with a warning.
 
     The replacement keeps batch shapes and the sampler's bookkeeping intact (no ragged batches, no
-    rank imbalance under DDP). Skips are counted in a process-shared integer so data-loader workers
-    report them to the main process.
+    rank imbalance under DDP). In a validation set the stand-in is labelled IGNORE_LABEL, so scores
+    leave it out instead of counting its neighbour twice. Skips are counted in a process-shared
+    integer so data-loader workers report them to the main process.
     """
 
-    def __init__(self, root: Path, transform: Callable, counter: Any) -> None:
+    def __init__(self, root: Path, transform: Callable, counter: Any, validation: bool) -> None:
         from torchvision.datasets import ImageFolder
 
+        self.validation = validation
         self.skipped = counter
         self.folder = ImageFolder(str(root), transform=transform, loader=RGBLoader(strict=False))
         self.classes = self.folder.classes
@@ -146,20 +151,22 @@ class SkippingImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for offset in range(len(self.folder)):
             try:
-                return self.folder[(index + offset) % len(self.folder)]
+                image, label = self.folder[(index + offset) % len(self.folder)]
             except SkippedImage as skip:
                 with self.skipped.get_lock():
                     self.skipped.value += 1
                 warnings.warn(f"skipping unreadable image {skip.path}: {skip.error}", stacklevel=2)
+                continue
+            return image, IGNORE_LABEL if offset and self.validation else label
         raise UserError(f"no readable image in {self.folder.root}")
 
 
-def _folder(root: Path, transform: Callable, counter: Any) -> Dataset:
+def _folder(root: Path, transform: Callable, counter: Any, validation: bool) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     try:
         if counter is not None:
-            return SkippingImageFolder(root, transform, counter)
+            return SkippingImageFolder(root, transform, counter, validation)
         return ImageFolder(str(root), transform=transform, loader=RGBLoader(strict=True))
     except FileNotFoundError as e:  # torchvision: no class folders or no images
         raise UserError(f"{root}: {e}") from None
@@ -277,8 +284,8 @@ def build_datasets(
         if not (root / split).is_dir():
             raise UserError(f"imagefolder needs {root / split} with one folder per class")
     counter = multiprocessing.Value("i", 0) if skip_bad_images else None
-    train = _folder(root / "train", train_tf, counter)
-    val = _folder(root / "val", eval_tf, counter)
+    train = _folder(root / "train", train_tf, counter, validation=False)
+    val = _folder(root / "val", eval_tf, counter, validation=True)
     if list(train.classes) != list(val.classes):
         raise UserError(f"class folders differ between {root / 'train'} and {root / 'val'}")
     return DataSplits(train, val, list(train.classes), counter)

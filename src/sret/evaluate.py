@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from sret.data import Preprocess, RGBLoader, SkippedImage, UserError, build_datasets
+from sret.data import IGNORE_LABEL, Preprocess, RGBLoader, SkippedImage, UserError, build_datasets
 
 
 @torch.no_grad()
@@ -43,6 +43,12 @@ def collect_logits(
     if not outs:
         raise UserError("the evaluation set is empty")
     return torch.cat(outs), torch.cat(labels).long()
+
+
+def scored(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows that count in a score: without the stand-ins of unreadable validation images."""
+    keep = labels != IGNORE_LABEL
+    return logits[keep], labels[keep]
 
 
 @dataclass
@@ -91,6 +97,7 @@ class EvalResult:
     per_class: list[float]
     confusion: Tensor
     classes: list[str]
+    skipped: int = 0  # unreadable images left out (with skip_bad_images)
 
 
 def evaluate(
@@ -127,8 +134,8 @@ def evaluate(
             f"{dataset} has {len(splits.classes)} classes, the model predicts {len(trained.classes)}"
         )
     loader = DataLoader(splits.val, batch_size=batch_size)
-    logits, labels = collect_logits(trained.model, loader, torch.device(device))
-    return score(logits, labels, trained.classes, confusion_png)
+    logits, labels = scored(*collect_logits(trained.model, loader, torch.device(device)))
+    return replace(score(logits, labels, trained.classes, confusion_png), skipped=splits.skipped)
 
 
 def score(logits: Tensor, labels: Tensor, classes: list[str], confusion_png: str | Path | None) -> EvalResult:

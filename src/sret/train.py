@@ -684,9 +684,9 @@ class Run:
     @torch.no_grad()
     def validate(self, model: nn.Module) -> tuple[float, float, float]:
         """Loss, top-1 and top-5 over the whole validation set (each rank a disjoint shard)."""
-        from sret.evaluate import collect_logits
+        from sret.evaluate import collect_logits, scored
 
-        logits, labels = collect_logits(model, self.val_loader, self.d.device, self.autocast)
+        logits, labels = scored(*collect_logits(model, self.val_loader, self.d.device, self.autocast))
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         sums = [
