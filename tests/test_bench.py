@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from sret import fused
-from sret.bench import BenchConfig, Contender, build_model, contenders, run_benchmark
+from sret.bench import AttentionTimer, BenchConfig, Contender, build_model, contenders, run_benchmark
 from sret.cli import app
 
 ROW_FIELDS = {
@@ -31,6 +31,7 @@ ROW_FIELDS = {
     "ratio_to_reference",
     "activation_mem_mib",
     "peak_mem_mib",
+    "attention_ms",
     "latencies_ms",
 }
 
@@ -109,3 +110,30 @@ def test_cli_bench_bad_configurations_are_one_line_errors(args: list[str], messa
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert result.output.count("error:") == 1
+
+
+def test_attention_timer_counts_forward_and_backward_and_restores_sdpa() -> None:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    timer = AttentionTimer()
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    with timer.timing():
+        out = torch.nn.functional.scaled_dot_product_attention(q * 1, k, v)
+    forward = timer.seconds
+    assert forward > 0 and torch.nn.functional.scaled_dot_product_attention is sdpa
+    out.sum().backward()
+    assert timer.seconds > forward  # the backward hooks fired
+    with timer.timing():  # a new step starts from zero
+        assert timer.seconds == 0.0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bench_reports_attention_time_per_model(train: bool) -> None:
+    cfg = BenchConfig(
+        batch=2, img_size=32, train=train, warmup=0, repeats=2, memory=False, attention_time=True
+    )
+    doc = run_benchmark(contenders(["sret_nano"], references=("deit_tiny_patch16_224",)), cfg)
+    for row in doc["rows"]:
+        assert 0 < row["attention_ms"] < row["latency_ms"]
+    assert any("attention ms / deit_tiny" in c["what"] for c in doc["comparisons"])
+    with pytest.raises(ValueError, match="needs --device cpu and no --compile"):
+        BenchConfig(attention_time=True, compile=True)

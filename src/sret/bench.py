@@ -24,14 +24,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from sret.runtime import has_fused_adam, release_cpu_memory
 
@@ -62,6 +62,7 @@ class BenchConfig:
     warmup: int = 3
     repeats: int = 10
     memory: bool = True
+    attention_time: bool = False  # also time the attention calls inside each step (CPU, eager)
 
     def __post_init__(self) -> None:
         if self.amp not in (None, "bf16"):
@@ -82,6 +83,10 @@ class BenchConfig:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
+        if self.attention_time and (kind != "cpu" or self.compile):
+            raise ValueError(
+                "attention is timed from the host around each call: it needs --device cpu and no --compile"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class BenchRow:
     ratio_to_reference: float | None = None  # gflops / the first reference's gflops
     activation_mem_mib: float | None = None
     peak_mem_mib: float | None = None
+    attention_ms: float | None = None  # median over repeats of the step's time in attention
     latencies_ms: list[float] = field(default_factory=list)
 
 
@@ -172,12 +178,56 @@ def autocast(cfg: BenchConfig) -> AbstractContextManager:
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
 
 
+class AttentionTimer:
+    """Host time spent in `F.scaled_dot_product_attention` during a step, forward and backward.
+
+    SReT and timm's transformers all attend through that function, so patching it for the forward
+    pass times every model alike: each call is timed around, and its backward from the moment the
+    output's gradient is ready to the moment the query's gradient is (hooks the call registers).
+    Exact only where kernels run synchronously with the host: eager CPU.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        """Time the calls of one step's forward pass (and their backward, whenever it runs)."""
+        self.seconds = 0.0
+        sdpa = F.scaled_dot_product_attention
+
+        def timed_sdpa(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            start = time.perf_counter()
+            out = sdpa(q, k, v, *args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            if out.requires_grad and q.requires_grad:
+                self._time_backward(out, q)
+            return out
+
+        F.scaled_dot_product_attention = timed_sdpa
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = sdpa
+
+    def _time_backward(self, out: Tensor, q: Tensor) -> None:
+        started: list[float] = []
+
+        def done(_: Tensor) -> None:
+            if started:
+                self.seconds += time.perf_counter() - started.pop()
+
+        out.register_hook(lambda _: started.append(time.perf_counter()))
+        q.register_hook(done)
+
+
 @dataclass
 class Step:
     """One benchmark step (inference, or forward + cross-entropy backward + AdamW) and its optimizer."""
 
     run: Callable[[], None]
     optimizer: torch.optim.Optimizer | None = None
+    attention: AttentionTimer | None = None  # with cfg.attention_time
 
 
 def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
@@ -186,13 +236,16 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
     model.train(cfg.train)
     # static shapes: every model is timed at one fixed batch and size
     fn = torch.compile(model, fullgraph=True, dynamic=False) if cfg.compile else model
+    timer = AttentionTimer() if cfg.attention_time else None
+    timing = timer.timing if timer is not None else nullcontext
+
     if not cfg.train:
 
         def infer() -> None:
-            with torch.inference_mode(), autocast(cfg):
+            with torch.inference_mode(), autocast(cfg), timing():
                 fn(x)
 
-        return Step(infer)
+        return Step(infer, attention=timer)
 
     y = torch.randint(0, getattr(model, "num_classes", 1000), (cfg.batch,), device=cfg.device)
     # torch's fused AdamW where it has one, for every model alike (the per-tensor path would otherwise
@@ -200,13 +253,13 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=has_fused_adam(cfg.device) or None)
 
     def train_step() -> None:
-        with autocast(cfg):
+        with autocast(cfg), timing():
             loss = F.cross_entropy(fn(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Step(train_step, optimizer)
+    return Step(train_step, optimizer, timer)
 
 
 def synchronize(device: str) -> None:
@@ -379,6 +432,7 @@ class _Prepared:
     params: int
     macs: int
     times: list[float] = field(default_factory=list)
+    attention_times: list[float] = field(default_factory=list)
 
 
 def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
@@ -417,6 +471,8 @@ def run_benchmark(
             elapsed = timed(p.step.run, cfg.device)
             if i >= cfg.warmup:
                 p.times.append(elapsed)
+                if p.step.attention is not None:
+                    p.attention_times.append(p.step.attention.seconds)
         probe_times += [timed(probe, cfg.device) for _ in range(2)]
     peak = probe_flop / statistics.median(probe_times) / 1e9
     log(f"matmul peak: {peak:.1f} GFLOP/s")
@@ -472,6 +528,7 @@ def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
         images_per_s=images_per_s,
         gflops=gflops,
         peak_fraction=gflops / peak,
+        attention_ms=statistics.median(p.attention_times) * 1e3 if p.attention_times else None,
         latencies_ms=[t * 1e3 for t in p.times],
     )
 
@@ -495,6 +552,13 @@ def comparisons(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
                     "value": row.gflops / reference.gflops,
                 }
             )
+            if row.attention_ms and reference.attention_ms:
+                out.append(
+                    {
+                        "what": f"{row.label} attention ms / {reference.label} attention ms",
+                        "value": row.attention_ms / reference.attention_ms,
+                    }
+                )
         twin = by_label.get(row.label.replace(row.model, f"{row.model}_noslice", 1))
         if twin is not None and twin is not row:
             out.append(
@@ -566,9 +630,13 @@ def print_report(result: dict[str, Any]) -> None:
         "act. MiB",
         "peak MiB",
     )
+    timed_attention = cfg.get("attention_time", False)
+    if timed_attention:
+        columns += ("attn ms",)
     for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["rows"]:
+        attention = (_fmt(r["attention_ms"], ".1f"),) if timed_attention else ()
         table.add_row(
             r["label"] + (" (ref)" if r["reference"] else ""),
             str(r["img_size"]),
@@ -581,6 +649,7 @@ def print_report(result: dict[str, Any]) -> None:
             _fmt(r["ratio_to_reference"], ".2f"),
             _fmt(r["activation_mem_mib"], ".0f"),
             _fmt(r["peak_mem_mib"], ".0f"),
+            *attention,
         )
     console = Console()
     if not console.is_terminal:  # piped into a file: do not squeeze the table into 80 columns
@@ -594,6 +663,10 @@ def print_report(result: dict[str, Any]) -> None:
         notes.append(
             f"training GFLOP/s count {TRAIN_MAC_FACTOR}x the forward MACs (forward + backward); "
             f"drop-path rate {cfg['drop_path']} for every model"
+        )
+    if timed_attention:
+        notes.append(
+            "attn ms = median time inside scaled_dot_product_attention per step (forward + backward)"
         )
     if result.get("sret_fused_kernels"):
         notes.append("SReT ran bias, GELU and ReLU fused into oneDNN linear/conv kernels (sret.fused)")

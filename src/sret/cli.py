@@ -67,6 +67,9 @@ def bench_cmd(
         True, "--reference/--no-reference", help="Include deit_tiny_patch16_224 and pit_ti_224."
     ),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one step."),
+    attention_time: bool = typer.Option(
+        False, "--attention-time", help="Also report each step's time in attention (CPU, eager)."
+    ),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed rounds first."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed rounds (median reported)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -102,6 +105,7 @@ def bench_cmd(
             warmup=warmup,
             repeats=repeats,
             memory=memory,
+            attention_time=attention_time,
         )
         unknown = [name for name in models or () if not timm.is_model(name)]
         if unknown:
