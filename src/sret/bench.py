@@ -665,9 +665,8 @@ def print_report(result: dict[str, Any]) -> None:
             f"drop-path rate {cfg['drop_path']} for every model"
         )
     if timed_attention:
-        notes.append(
-            "attn ms = median time inside scaled_dot_product_attention per step (forward + backward)"
-        )
+        passes = "forward + backward" if cfg["train"] else "forward"
+        notes.append(f"attn ms = median time per step inside scaled_dot_product_attention ({passes})")
     if result.get("sret_fused_kernels"):
         notes.append("SReT ran bias, GELU and ReLU fused into oneDNN linear/conv kernels (sret.fused)")
     if cfg["memory"]:
