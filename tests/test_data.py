@@ -95,6 +95,39 @@ def test_training_skips_bad_images_end_to_end(tmp_path: Path) -> None:
         train(strict)
 
 
+def test_a_run_stopped_by_a_bad_image_resumes_with_skip_bad_images(tmp_path: Path) -> None:
+    """`--resume` keeps the run's config, except where and how it runs: it may add --skip-bad-images,
+    and refuses what would make another run (--epochs, --set ...) in one line."""
+    from typer.testing import CliRunner
+
+    from sret.cli import app
+    from sret.train import final_metrics
+
+    data = _image_folder(tmp_path / "data")
+    args = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+    ]
+    args += ["--output", str(tmp_path / "runs"), "--name", "r", "--set", "threads=1"]
+    stopped = CliRunner().invoke(app, args)
+    assert stopped.exit_code == 1 and "broken.png" in stopped.stderr
+    run = tmp_path / "runs" / "r"
+    refused = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "2", "--set", "lr=1"])
+    assert refused.exit_code == 1 and refused.stderr.count("\n") == 1
+    assert "not epochs, set" in refused.stderr
+    with pytest.warns(UserWarning, match=r"broken\.png"):
+        resumed = CliRunner().invoke(app, ["train", "--resume", str(run), "--skip-bad-images"])
+    assert resumed.exit_code == 0, resumed.output
+    assert 0.0 <= final_metrics(run)["val_acc1"] <= 1.0
+
+
 @pytest.mark.parametrize(
     ("name", "layout", "message"),
     [

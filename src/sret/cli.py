@@ -137,6 +137,7 @@ def _user_error(e: BaseException, code: int = 1) -> typer.Exit:
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     recipe: str = typer.Option("digits", "--recipe", "-r", help="Shipped recipe name or a YAML file."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override any config option: key=value."),
     model: str | None = typer.Option(None, "--model", help="Model to train (default: the recipe's)."),
@@ -183,33 +184,39 @@ def train_cmd(
     from sret.train import resolve_config, train
 
     try:
-        cfg = None
-        if resume is None:
-            cfg = resolve_config(
-                recipe,
-                set_,
-                model=model,
-                dataset=dataset,
-                data_dir=data_dir,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                output=output,
-                name=name,
-                device=device,
-                amp=amp,
-                compile=compile_,
-                teacher=teacher,
-                teacher_logits=teacher_logits,
-                distill_alpha=distill_alpha,
-                distill_temperature=distill_temperature,
-                model_ema=model_ema or None,
-                skip_bad_images=skip_bad_images or None,
-                save_every_steps=save_every_steps,
-                seed=seed,
-                workers=workers,
-            )
-        train(cfg, resume=resume)
+        if resume is not None:  # the options set beside it, by their config names
+            given = {
+                p.name.rstrip("_"): ctx.params[p.name]
+                for p in ctx.command.params
+                if p.name != "resume" and ctx.params[p.name] not in (p.default, None, [], ())
+            }
+            train(resume=resume, resume_settings=given)
+            return
+        cfg = resolve_config(
+            recipe,
+            set_,
+            model=model,
+            dataset=dataset,
+            data_dir=data_dir,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            output=output,
+            name=name,
+            device=device,
+            amp=amp,
+            compile=compile_,
+            teacher=teacher,
+            teacher_logits=teacher_logits,
+            distill_alpha=distill_alpha,
+            distill_temperature=distill_temperature,
+            model_ema=model_ema or None,
+            skip_bad_images=skip_bad_images or None,
+            save_every_steps=save_every_steps,
+            seed=seed,
+            workers=workers,
+        )
+        train(cfg)
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
 

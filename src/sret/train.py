@@ -35,6 +35,9 @@ from sret.runtime import has_fused_adam
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "last_state.pt"
+# Where and how a run executes, not what it computes: the settings `--resume` may change (a run moved to
+# another machine or data folder, or stopped by a corrupt image).
+RESUME_SETTINGS = ("data_dir", "device", "skip_bad_images", "workers")
 TIME_KEYS = ("time_s", "img_per_s")  # the only metrics that differ between identical runs
 
 
@@ -790,9 +793,16 @@ def _write_run_files(run: Run, cfg: TrainConfig) -> None:
 
 
 def train(
-    cfg: TrainConfig | None = None, resume: str | os.PathLike | None = None, console: Any = None
+    cfg: TrainConfig | None = None,
+    resume: str | os.PathLike | None = None,
+    console: Any = None,
+    resume_settings: dict[str, Any] | None = None,
 ) -> Path:
-    """Train (or resume) a run; returns the run folder. Raises `UserError` for user-fixable problems."""
+    """Train (or resume) a run; returns the run folder. Raises `UserError` for user-fixable problems.
+
+    A resumed run takes its config from the run folder; `resume_settings` may change only the
+    RESUME_SETTINGS in it, since anything else would make it another run.
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -800,7 +810,14 @@ def train(
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"not a run folder (no config.yaml): {run_dir}")
-        cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        settings = resume_settings or {}
+        fixed = sorted(set(settings) - set(RESUME_SETTINGS))
+        if fixed:
+            raise UserError(
+                f"--resume continues {run_dir} as its config.yaml defines it; only "
+                f"{', '.join(RESUME_SETTINGS)} may change, not {', '.join(fixed)} (start a new run for that)"
+            )
+        cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) | settings)
     cfg = cfg or resolve_config()
     cfg.validate()
     if cfg.threads:
