@@ -70,6 +70,27 @@ def test_predict_names_classes_and_matches_eval_input(run: Path, tmp_path: Path)
     assert out.exit_code == 0 and out.stdout.count("%") == 2
 
 
+def test_a_weights_file_alone_keeps_its_class_names_and_preprocessing(run: Path, tmp_path: Path) -> None:
+    from sret.checkpoint import read_metadata
+
+    alone = tmp_path / "copied.safetensors"
+    alone.write_bytes((run / "best.safetensors").read_bytes())  # no classes.json, no config.yaml here
+    info = json.loads((run / "classes.json").read_text())
+    assert read_metadata(alone)["info"] == info
+    trained, original = load_trained(alone), load_trained(run / "best.safetensors")
+    assert trained.classes == original.classes == info["classes"]
+    assert trained.pre == original.pre and trained.run_config == {}
+
+    from sret.checkpoint import create_model, save_weights
+
+    args = {"num_classes": 2, "img_size": 40}
+    pets = {"classes": ["cat", "dog"], "preprocess": {"img_size": 40, "crop_pct": 0.9, "mean": [0.5] * 3}}
+    save_weights(create_model("sret_nano", **args), tmp_path / "pets.safetensors", "sret_nano", args, pets)
+    loaded = load_trained(tmp_path / "pets.safetensors")
+    assert loaded.classes == ["cat", "dog"]
+    assert (loaded.pre.img_size, loaded.pre.crop_pct, loaded.pre.mean) == (40, 0.9, (0.5, 0.5, 0.5))
+
+
 def _digit_pngs(folder: Path, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     digits = load_digits()

@@ -25,8 +25,6 @@ from sret.model import MODEL_CONFIGS, checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
-METADATA_KEYS = ("model_name", "model_args")
-
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call `write(tmp_path)` and rename the result over `path` only once it is complete."""
@@ -67,7 +65,8 @@ def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Model name and constructor arguments stored with our safetensors weights (empty if absent)."""
+    """Model name, constructor arguments and run info (class names, preprocessing) stored with our
+    safetensors weights (each absent from the result if absent from the file)."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
@@ -76,8 +75,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "model_name" in meta:
         out["model_name"] = meta["model_name"]
-    if "model_args" in meta:
-        out["model_args"] = json.loads(meta["model_args"])
+    for key in ("model_args", "info"):
+        if key in meta:
+            out[key] = json.loads(meta[key])
     return out
 
 
@@ -86,14 +86,18 @@ def save_weights(
     path: str | os.PathLike,
     model_name: str | None = None,
     model_args: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> None:
-    """Save weights as safetensors, with the model name and arguments needed to rebuild it."""
+    """Save weights as safetensors, with the model name and arguments needed to rebuild it and `info`
+    (class names and preprocessing, from `sret train`), so the file alone is enough to predict with."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {}
     if model_name:
         meta["model_name"] = model_name
     if model_args:
         meta["model_args"] = json.dumps(model_args)
+    if info:
+        meta["info"] = json.dumps(info)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 

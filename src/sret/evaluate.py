@@ -1,8 +1,8 @@
 """Evaluate a trained SReT on a data set, and classify image files with it.
 
-A checkpoint written by `sret train` is self-describing: the safetensors metadata names the model and
-its arguments, and `classes.json` beside it holds the class names and preprocessing, so neither
-command needs the training config repeated.
+A checkpoint written by `sret train` is self-describing: the safetensors metadata names the model, its
+arguments, the class names and the preprocessing (also in `classes.json` beside it), so the file alone
+is enough to classify images, and `sret eval` finds the run's data and split in `config.yaml` beside it.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class Trained:
 
 
 def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
-    """Rebuild the model from safetensors metadata and read `classes.json` / `config.yaml` beside it."""
+    """Rebuild the model, its class names and preprocessing from the safetensors metadata (or
+    `classes.json` beside it), and read the run's `config.yaml` beside it when there is one."""
     from sret.checkpoint import create_model, read_metadata
 
     path = Path(checkpoint)
@@ -75,8 +76,8 @@ def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
     if "model_name" not in meta:
         raise UserError(f"{path} does not say which model it holds (not written by `sret train`)")
     model = create_model(meta["model_name"], checkpoint_path=path, **meta.get("model_args", {}))
-    info_path = path.parent / "classes.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info_path = path.parent / "classes.json"  # beside weights written before they carried the info
+    info = meta.get("info") or (json.loads(info_path.read_text()) if info_path.is_file() else {})
     num_classes = meta.get("model_args", {}).get("num_classes", getattr(model, "num_classes", 0))
     classes = info.get("classes") or [str(i) for i in range(num_classes)]
     pre_values = info.get("preprocess", {})

@@ -439,6 +439,9 @@ class Run:
             cfg.dataset, cfg.data_dir, self.pre, augment, cfg.val_fraction, cfg.seed, cfg.skip_bad_images
         )
         self.data, self.classes = data, data.classes
+        # what a checkpoint needs besides its weights to classify an image file: in classes.json and
+        # in every weights file's metadata
+        self.info = {"classes": self.classes, "preprocess": asdict(self.pre), "dataset": cfg.dataset}
         train = subset(data.train, cfg.train_subset, cfg.seed)
         val = subset(data.val, cfg.val_subset, cfg.seed)
         if cfg.batch_size % d.world_size:
@@ -548,11 +551,12 @@ class Run:
             rngs = [rng_state()]
         if not self.d.main:
             return
-        save_weights(self.model, self.dir / "last.safetensors", self.cfg.model, self.model_args)
+        described = (self.cfg.model, self.model_args, self.info)
+        save_weights(self.model, self.dir / "last.safetensors", *described)
         if best:
-            save_weights(self.model, self.dir / "best.safetensors", self.cfg.model, self.model_args)
+            save_weights(self.model, self.dir / "best.safetensors", *described)
         if self.ema is not None:
-            save_weights(self.ema.module, self.dir / "last_ema.safetensors", self.cfg.model, self.model_args)
+            save_weights(self.ema.module, self.dir / "last_ema.safetensors", *described)
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -788,8 +792,8 @@ def _write_run_files(run: Run, cfg: TrainConfig) -> None:
     run.dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(asdict(cfg), sort_keys=False)
     atomic_write(run.dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-    info = {"classes": run.classes, "preprocess": asdict(run.pre), "dataset": cfg.dataset}
-    atomic_write(run.dir / "classes.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+    text = json.dumps(run.info, indent=1)
+    atomic_write(run.dir / "classes.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def train(
