@@ -62,6 +62,28 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
         train(tiny(tmp_path))
 
 
+def test_ctrl_c_says_where_to_resume(tmp_path: Path) -> None:
+    args = ["train", "--output", str(tmp_path), "--name", "r", "--epochs", "200", "--set", "threads=1"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sret", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state = tmp_path / "r" / STATE_FILE
+    deadline = time.monotonic() + 120
+    while not state.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    said = "".join(err.split())  # the console wraps long lines
+    assert "".join(f"continue with `sret train --resume {tmp_path / 'r'}`".split()) in said
+    assert "Traceback" not in err
+    assert torch.load(state, weights_only=True)["epoch"] >= 1  # the last checkpoint is intact
+
+
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     args = [
         "train",

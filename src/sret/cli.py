@@ -219,6 +219,8 @@ def train_cmd(
         train(cfg)
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # train() has said where to resume
 
 
 @app.command("distill-logits")

@@ -840,7 +840,15 @@ def train(
                 f"run {run_dir}: {cfg.model} on {cfg.dataset} ({len(run.classes)} classes), "
                 f"{cfg.epochs} epochs x {run.steps} steps, batch {cfg.batch_size}, {d.world_size}x {d.device}"
             )
-        final = run.fit()
+        try:
+            final = run.fit()
+        except KeyboardInterrupt:
+            if d.main:
+                console.print(
+                    f"interrupted in epoch {run.epoch + 1}; {run_dir} keeps the last checkpoint: "
+                    f"continue with `sret train --resume {run_dir}`"
+                )
+            raise
         if d.main and final:
             console.print(f"done: best val acc1 {run.best_acc1:.4f}, weights in {run_dir}")
     finally:
