@@ -288,6 +288,7 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
         (["--set", "drop_path=1.5"], "drop_path_rate"),
         (["--set", "epochs=many"], "option epochs"),
         (["--resume", "/nonexistent/run"], "not a run folder"),
+        (["--set", "lr=[1"], "cannot parse --set lr=[1: expected ',' or ']'"),
     ],
 )
 def test_cli_user_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
@@ -300,6 +301,23 @@ def test_cli_user_errors_are_one_line(args: list[str], message: str, tmp_path: P
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert message in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_broken_yaml_is_one_line_naming_file_and_place(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sret.cli import app
+
+    (tmp_path / "recipe.yaml").write_text("epochs: 3\nlr: [1\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {sret_nano\n")
+    for args, message in [
+        (["--recipe", str(tmp_path / "recipe.yaml")], f"cannot parse recipe {tmp_path / 'recipe.yaml'}"),
+        (["--resume", str(tmp_path / "run")], f"cannot parse run config {tmp_path / 'run' / 'config.yaml'}"),
+    ]:
+        result = CliRunner().invoke(app, ["train", *args])
+        assert result.exit_code == 1 and message in result.stderr and "(line " in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -65,6 +64,7 @@ def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
     """Rebuild the model, its class names and preprocessing from the safetensors metadata (or
     `classes.json` beside it), and read the run's `config.yaml` beside it when there is one."""
     from sret.checkpoint import create_model, read_metadata
+    from sret.train import read_mapping
 
     path = Path(checkpoint)
     if not path.is_file():
@@ -86,8 +86,8 @@ def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
         Preprocess(**pre_values) if pre_values else Preprocess(img_size=getattr(model, "img_size", (224,))[0])
     )
     config_path = path.parent / "config.yaml"
-    run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    return Trained(model.to(device).eval(), classes, pre, run_config or {})
+    run_config = read_mapping(config_path, "run config") if config_path.is_file() else {}
+    return Trained(model.to(device).eval(), classes, pre, run_config)
 
 
 @dataclass

@@ -176,6 +176,25 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         raise UserError(f"option {name}: expected {kind}, got {value!r}") from None
 
 
+def read_yaml(text: str, what: str) -> Any:
+    """`yaml.safe_load`, with a syntax error turned into one line that names `what` and the place."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise UserError(f"cannot parse {what}: {problem}{where}") from None
+
+
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold `option: value` pairs (empty file: no options)."""
+    values = read_yaml(path.read_text(), f"{what} {path}") or {}
+    if not isinstance(values, dict):
+        raise UserError(f"{what} {path} must be a mapping of option: value")
+    return values
+
+
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A shipped recipe by name (see `src/sret/recipes`) or any YAML file."""
     path = Path(name_or_path)
@@ -184,13 +203,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise UserError(f"recipe not found: {name_or_path} (shipped: {shipped})")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"cannot parse recipe {path}: {e}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"recipe {path} must be a mapping of option: value")
-    return values
+    return read_mapping(path, "recipe")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -200,7 +213,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set expects key=value, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        out[key.strip().replace("-", "_")] = read_yaml(value, f"--set {item}")
     return out
 
 
@@ -821,7 +834,7 @@ def train(
                 f"--resume continues {run_dir} as its config.yaml defines it; only "
                 f"{', '.join(RESUME_SETTINGS)} may change, not {', '.join(fixed)} (start a new run for that)"
             )
-        cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) | settings)
+        cfg = TrainConfig.from_dict(read_mapping(run_dir / "config.yaml", "run config") | settings)
     cfg = cfg or resolve_config()
     cfg.validate()
     if cfg.threads:
