@@ -9,12 +9,15 @@ import pytest
 import timm
 import timm.optim
 import torch
+import torch.nn.functional as F
 
 import sret
 from sret import fused
 from sret.info import count_macs, model_info
 from sret.model import (
     MODEL_CONFIGS,
+    FeedForward,
+    HiddenRecomputed,
     SlicedAttention,
     SReT,
     SReTConfig,
@@ -267,6 +270,37 @@ def test_fused_cpu_inference_matches_the_plain_ops() -> None:
     assert any("_linear_pointwise" in c for c in calls) and any("_convolution_pointwise" in c for c in calls)
     assert not fused.use_onednn(x)  # autograd on: the plain ops run
     torch.testing.assert_close(out, model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_training_keeps_one_hidden_tensor_and_the_exact_gradients() -> None:
+    """Autograd would hold fc1's output and its GELU for backward; HiddenRecomputed holds only the
+    former (recomputing the GELU), with the same gradients."""
+    mlp = FeedForward(16, 37)  # hidden padded to 40
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    assert mlp.recomputes_hidden(x)
+    with torch.no_grad():
+        assert not mlp.recomputes_hidden(x)
+
+    def hidden_tensors_saved(forward) -> int:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            out = forward()
+        return out, sum(shape.numel() == 2 * 5 * 40 for shape in shapes)  # activations, not weights
+
+    w1, b1, w2, b2 = mlp.weights()
+    ours, ours_saved = hidden_tensors_saved(lambda: mlp(x))
+    plain, plain_saved = hidden_tensors_saved(lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
+    assert (ours_saved, plain_saved) == (1, 2)
+    torch.testing.assert_close(ours, plain)
+    params = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    for a, b in zip(
+        torch.autograd.grad(ours.square().sum(), params),
+        torch.autograd.grad(plain.square().sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    inputs = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    assert torch.autograd.gradcheck(HiddenRecomputed.apply, inputs)
 
 
 def test_shared_block_folds_its_weights_once_per_forward() -> None:
