@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from sret.data import IGNORE_LABEL, Preprocess, RGBLoader, SkippedImage, UserError, build_datasets
 
@@ -190,9 +190,7 @@ def image_files(paths: list[str | Path]) -> list[str]:
     files: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(
-                str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
-            )
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and is_image_file(str(f)))
             if not found:
                 raise UserError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in folder {path}")
             files += found
@@ -215,9 +213,10 @@ def predict(
     images at a time, so a folder of any size runs in bounded memory."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    files = image_files(images)  # every path checked before the model is built
     trained = load_trained(checkpoint, device)
     tf, load = trained.pre.eval_transform(), RGBLoader(strict=not skip_bad_images)
-    files, ranked, skipped = image_files(images), {}, []
+    ranked, skipped = {}, []
     k = min(topk, len(trained.classes))
     for start in range(0, len(files), batch_size):
         names, batch = [], []

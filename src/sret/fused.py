@@ -29,18 +29,26 @@ def _has_onednn_ops() -> bool:
 ONEDNN_OPS = _has_onednn_ops()
 
 
+def plain_eager_fp32(x: Tensor) -> bool:
+    """Whether `x` runs through eager fp32 ops: no autocast, and no compiler, tracer or scripting
+    recording the graph (which must see the plain ops). Shared by the hand-made paths of the model."""
+    return (
+        x.dtype == torch.float32
+        and not torch.is_autocast_enabled(x.device.type)
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+    )
+
+
 def use_onednn(x: Tensor) -> bool:
     """Whether `x` is headed through eager fp32 CPU inference, where the fused kernels apply."""
     return (
         ONEDNN_OPS
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        and plain_eager_fp32(x)
     )
 
 

@@ -401,7 +401,7 @@ class HiddenRecomputed(torch.autograd.Function):
 
     Plain autograd holds both `h` (for GELU's gradient) and `gelu(h)` (for fc2's weight gradient), two
     hidden-sized tensors per MLP; here fc2's weight gradient recomputes `gelu(h)`, one elementwise
-    pass. In fp32 training that cut sret_t's activation memory at batch 32 from 1485 to 1202 MiB,
+    pass. In fp32 training that cut sret_t's activation memory at batch 32 from 1485 to 1194 MiB,
     with no measurable change in step time.
     """
 
@@ -462,13 +462,7 @@ class FeedForward(nn.Module):
         """Whether the forward runs as :class:`HiddenRecomputed`: eager fp32 autograd without dropout
         between the layers (autocast, compilers, exports and inference take the plain ops)."""
         return (
-            torch.is_grad_enabled()
-            and x.dtype == torch.float32
-            and not (self.training and self.drop.p > 0)
-            and not torch.is_autocast_enabled(x.device.type)
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
+            torch.is_grad_enabled() and not (self.training and self.drop.p > 0) and fused.plain_eager_fp32(x)
         )
 
 
