@@ -61,7 +61,7 @@ def test_training_with_checkpointing_comparison() -> None:
     cfg = BenchConfig(batch=2, img_size=32, train=True, warmup=0, repeats=1)
     entries = contenders(["sret_nano"], references=(), compare_checkpointing=True)
     doc = run_benchmark(entries, cfg)
-    assert doc["sret_fused_kernels"] is False  # training runs the plain ops
+    assert doc["sret_fused_kernels"] is fused.ONEDNN_OPS  # eager fp32 CPU training
     json.dumps(doc)  # serialisable as is
     assert [r["label"] for r in doc["rows"]] == ["sret_nano", "sret_nano +ckpt"]
     assert [r["grad_checkpointing"] for r in doc["rows"]] == [False, True]
@@ -122,6 +122,10 @@ def test_attention_timer_counts_forward_and_backward_and_restores_sdpa() -> None
     assert forward > 0 and torch.nn.functional.scaled_dot_product_attention is sdpa
     out.sum().backward()
     assert timer.seconds > forward  # the backward hooks fired
+    attend = fused.attention
+    with timer.timing():  # SReT's entry point (short sequences run unfused, not through SDPA)
+        fused.attention(q, k, v, None, 0.0, 8**-0.5)
+    assert timer.seconds > 0 and fused.attention is attend
     with timer.timing():  # a new step starts from zero
         assert timer.seconds == 0.0
 

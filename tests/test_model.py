@@ -10,6 +10,7 @@ import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import sret
 from sret import fused
@@ -163,6 +164,8 @@ def reference_sliced_attention(
 def test_sliced_attention_equals_block_diagonal_masked_attention(
     tokens: int, groups: int, permute: bool
 ) -> None:
+    """Outputs, and with autograd the input gradients too (a permutation's backward is its inverse
+    gather, padded layouts take autograd's scatter-add)."""
     torch.manual_seed(0)
     attn = SlicedAttention(32, 4).eval()
     x = torch.randn(3, tokens, 32)
@@ -170,6 +173,11 @@ def test_sliced_attention_equals_block_diagonal_masked_attention(
     with torch.no_grad():
         ours = attn(x, token_groups(tokens, groups, perm))
         ref = reference_sliced_attention(attn, x, groups, perm)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)
+    weights = torch.randn(3, tokens, 32)
+    ours = torch.autograd.grad((attn(x, token_groups(tokens, groups, perm)) * weights).sum(), x)[0]
+    ref = torch.autograd.grad((reference_sliced_attention(attn, x, groups, perm) * weights).sum(), x)[0]
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -257,10 +265,11 @@ def test_inference_mode_then_training_works() -> None:
 
 
 @pytest.mark.skipif(not fused.ONEDNN_OPS, reason="this torch build has no oneDNN fused ops")
-def test_fused_cpu_inference_matches_the_plain_ops() -> None:
-    """Eager no-grad CPU inference runs oneDNN kernels with bias and GELU/ReLU fused; the outputs must
-    be those of the composite ops (which run whenever autograd is on) to float rounding."""
-    model = SReT(tiny_cfg(shuffle="fixed")).eval()
+def test_onednn_kernels_match_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU inference runs oneDNN kernels with bias and GELU/ReLU fused, and training runs every linear
+    layer's products in oneDNN; outputs and gradients must be those of the plain ops (what runs where
+    torch has no oneDNN) to float rounding."""
+    model = SReT(tiny_cfg(shuffle="fixed", drop_path_rate=0.0)).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert fused.use_onednn(x)
@@ -268,8 +277,58 @@ def test_fused_cpu_inference_matches_the_plain_ops() -> None:
             out = model(x)
     calls = [e.name for e in prof.events() if "pointwise" in e.name]
     assert any("_linear_pointwise" in c for c in calls) and any("_convolution_pointwise" in c for c in calls)
-    assert not fused.use_onednn(x)  # autograd on: the plain ops run
-    torch.testing.assert_close(out, model(x).detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), monkeypatch.context() as plain_ops:
+        plain_ops.setattr(fused, "ONEDNN_OPS", False)
+        assert not fused.use_onednn(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+    def gradients() -> list[Tensor]:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    model.train()
+    with torch.profiler.profile() as prof:
+        ours = gradients()
+    assert any("OneDNNLinear" in e.name for e in prof.events())
+    with monkeypatch.context() as plain_ops:
+        plain_ops.setattr(fused, "ONEDNN_OPS", False)
+        plain = gradients()
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [49, 98])
+def test_attention_entry_point_matches_sdpa(tokens: int) -> None:
+    """Short groups attend by plain products on CPU, longer ones through SDPA's fused kernel: the same
+    outputs and gradients either way."""
+    q, k, v = (torch.randn(4, 2, tokens, 32, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile() as prof:
+        ours = fused.attention(q, k, v, None, 0.0, 32**-0.5)
+    fused_kernel = any("flash_attention" in e.name for e in prof.events())
+    assert fused_kernel is (tokens > fused.UNFUSED_ATTENTION_TOKENS)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(
+        torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_counters_and_transforms_see_the_plain_ops() -> None:
+    """FlopCounterMode (the MAC counts) and torch.func transforms must see aten's linear layers, not
+    oneDNN's calls or the model's own autograd functions."""
+    model = SReT(tiny_cfg(shuffle="fixed", drop_path_rate=0.0))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.aten.addmm] > 0 and counts[torch.ops.aten.mm] > 0
+    params = dict(model.named_parameters())
+    model.eval()  # BatchNorm's running statistics would be a mutation under the transform
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+    assert grads["stages.0.blocks.0.mlp.fc1.weight"].abs().sum() > 0
 
 
 def test_mlp_training_keeps_one_hidden_tensor_and_the_exact_gradients() -> None:

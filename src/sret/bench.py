@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sret import fused
 from sret.runtime import has_fused_adam, release_cpu_memory
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
@@ -179,36 +180,50 @@ def autocast(cfg: BenchConfig) -> AbstractContextManager:
 
 
 class AttentionTimer:
-    """Host time spent in `F.scaled_dot_product_attention` during a step, forward and backward.
+    """Host time spent attending during a step, forward and backward.
 
-    SReT and timm's transformers all attend through that function, so patching it for the forward
-    pass times every model alike: each call is timed around, and its backward from the moment the
-    output's gradient is ready to the moment the query's gradient is (hooks the call registers).
-    Exact only where kernels run synchronously with the host: eager CPU.
+    timm's transformers attend through `F.scaled_dot_product_attention` and SReT through
+    `sret.fused.attention` (which calls it, or for short groups runs the products unfused); both are
+    patched for the forward pass, so every model is timed alike: each outermost call is timed around,
+    and its backward from the moment the output's gradient is ready to the moment the query's gradient
+    is (hooks the call registers). Exact only where kernels run synchronously with the host: eager CPU.
     """
+
+    PATCHED = ((F, "scaled_dot_product_attention"), (fused, "attention"))
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self._depth = 0
 
     @contextmanager
     def timing(self) -> Iterator[None]:
         """Time the calls of one step's forward pass (and their backward, whenever it runs)."""
         self.seconds = 0.0
-        sdpa = F.scaled_dot_product_attention
+        originals = [getattr(owner, name) for owner, name in self.PATCHED]
+        for (owner, name), fn in zip(self.PATCHED, originals, strict=True):
+            setattr(owner, name, self._timed(fn))
+        try:
+            yield
+        finally:
+            for (owner, name), fn in zip(self.PATCHED, originals, strict=True):
+                setattr(owner, name, fn)
 
-        def timed_sdpa(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def _timed(self, attend: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def timed(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if self._depth:  # inside another timed call
+                return attend(q, k, v, *args, **kwargs)
+            self._depth += 1
             start = time.perf_counter()
-            out = sdpa(q, k, v, *args, **kwargs)
+            try:
+                out = attend(q, k, v, *args, **kwargs)
+            finally:
+                self._depth -= 1
             self.seconds += time.perf_counter() - start
             if out.requires_grad and q.requires_grad:
                 self._time_backward(out, q)
             return out
 
-        F.scaled_dot_product_attention = timed_sdpa
-        try:
-            yield
-        finally:
-            F.scaled_dot_product_attention = sdpa
+        return timed
 
     def _time_backward(self, out: Tensor, q: Tensor) -> None:
         started: list[float] = []
@@ -282,15 +297,18 @@ def timed(step: Callable[[], None], device: str) -> float:
 def matmul_probe(device: str, amp: str | None, size: int | None = None) -> tuple[Callable[[], None], int]:
     """One large square matmul (warmed up) and its FLOPs: the yardstick of achievable GFLOP/s.
 
-    It is timed inside every round-robin round, so it sees the same machine load as the models.
+    It runs the GEMM kernel SReT's linear layers use (:func:`sret.fused.matmul_t`: oneDNN's on CPUs
+    where it applies, faster than torch's default there), and is timed inside every round-robin round,
+    so it sees the same machine load as the models.
     """
+
     size = size or (2048 if torch.device(device).type == "cpu" else 8192)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
 
     def run() -> None:
-        torch.mm(a, b)
+        fused.matmul_t(a, b)
 
     run()
     return run, 2 * size**3
@@ -499,13 +517,12 @@ def run_benchmark(
 
 
 def fused_kernels_apply(cfg: BenchConfig) -> bool:
-    """Whether SReT runs its oneDNN-fused kernels (:mod:`sret.fused`) in this configuration: asked of
-    `fused.use_onednn` in the inference step's own context (training and compiled steps never do)."""
-    from sret import fused
+    """Whether SReT runs its oneDNN kernels (:mod:`sret.fused`) in this configuration: asked of
+    `fused.use_onednn` in the step's own context (compiled steps never do)."""
 
-    if cfg.train or cfg.compile:
+    if cfg.compile:
         return False
-    with torch.inference_mode(), autocast(cfg):
+    with autocast(cfg):
         return fused.use_onednn(torch.empty(0, device=cfg.device))
 
 
@@ -668,7 +685,12 @@ def print_report(result: dict[str, Any]) -> None:
         passes = "forward + backward" if cfg["train"] else "forward"
         notes.append(f"attn ms = median time per step inside scaled_dot_product_attention ({passes})")
     if result.get("sret_fused_kernels"):
-        notes.append("SReT ran bias, GELU and ReLU fused into oneDNN linear/conv kernels (sret.fused)")
+        what = (
+            "linear layers' products in oneDNN"
+            if cfg["train"]
+            else "bias, GELU and ReLU fused into oneDNN linear/conv kernels"
+        )
+        notes.append(f"SReT ran its {what} (sret.fused); timm's models run torch's default kernels")
     if cfg["memory"]:
         total = "allocated (CUDA)" if cfg["device"].startswith("cuda") else "RSS of a fresh process"
         held = "weights, grads, AdamW state, batch" if cfg["train"] else "weights and batch"

@@ -1,15 +1,19 @@
-"""Fused oneDNN kernels for eager CPU inference.
+"""oneDNN kernels for eager fp32 CPU work.
 
-A linear layer in eager PyTorch costs a bias broadcast-copy into the output before the matrix product,
-and a GELU after it costs another full pass over the (widest) activations; likewise a convolution and
-its ReLU. oneDNN, which PyTorch ships on x86 and Arm, runs bias and activation inside the kernel's
-epilogue. SReT's small widths (64-256 channels, hidden layers of a few hundred) make those extra
-passes a large share of the time, so in eager fp32 inference on CPU the model calls oneDNN's fused
-ops, which torch's own compiler uses for the same purpose. The outputs agree with the composite ops to
-float rounding (the same GEMM, bias and erf-GELU).
+Two things make PyTorch's default CPU path slow on SReT's layers, which are narrow (64-256 channels,
+hidden layers of a few hundred) and many:
 
-Everywhere else (autograd, autocast, CUDA, torch.compile, torch.export, ONNX, TorchScript) the plain
-ops run, so graphs, exports and gradients never see these kernels.
+- A linear layer's matrix products run in MKL's sgemm. On the AMD EPYC (AVX-512) this project is
+  measured on, oneDNN's GEMM, which PyTorch also ships, runs the same products 1.1-2x faster
+  (`benchmarks/README.md`); most at the 64-channel first stage. Training therefore runs the forward
+  product and the input gradient of every linear layer through oneDNN (:class:`OneDNNLinear`).
+- In inference, a linear layer costs a bias broadcast-copy into the output before its product and a
+  GELU after it another full pass over the (widest) activations; likewise a convolution and its ReLU.
+  oneDNN runs bias and activation inside the kernel's epilogue, as torch's own compiler does.
+
+The results agree with the composite ops to float rounding (the same products, bias and erf-GELU).
+Everywhere else (autocast, CUDA, torch.compile, torch.export, ONNX, TorchScript, torch.func transforms)
+the plain ops run, so graphs and exports never see these kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def _has_onednn_ops() -> bool:
@@ -29,42 +35,119 @@ def _has_onednn_ops() -> bool:
 ONEDNN_OPS = _has_onednn_ops()
 
 
-def plain_eager_fp32(x: Tensor) -> bool:
-    """Whether `x` runs through eager fp32 ops: no autocast, and no compiler, tracer or scripting
-    recording the graph (which must see the plain ops). Shared by the hand-made paths of the model."""
+def recording() -> bool:
+    """Whether a compiler, tracer, scripting, torch.func transform or dispatch mode (FlopCounterMode,
+    FakeTensorMode) records or counts the ops: they must see plain aten ops, not the model's own
+    kernels and autograd functions."""
     return (
-        x.dtype == torch.float32
-        and not torch.is_autocast_enabled(x.device.type)
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch._C._are_functorch_transforms_active()
+        or is_in_torch_dispatch_mode()
     )
+
+
+def plain_eager_fp32(x: Tensor) -> bool:
+    """Whether `x` runs through eager fp32 ops: no autocast and nothing :func:`recording`. Shared by
+    the hand-made paths of the model."""
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type) and not recording()
 
 
 def use_onednn(x: Tensor) -> bool:
-    """Whether `x` is headed through eager fp32 CPU inference, where the fused kernels apply."""
-    return (
-        ONEDNN_OPS
-        and torch.backends.mkldnn.enabled
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and plain_eager_fp32(x)
+    """Whether `x` is headed through eager fp32 CPU ops, where oneDNN's kernels apply."""
+    return ONEDNN_OPS and torch.backends.mkldnn.enabled and x.device.type == "cpu" and plain_eager_fp32(x)
+
+
+def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`x @ weight.T + bias` outside autograd, in oneDNN's GEMM where :func:`use_onednn` holds.
+
+    `weight` may be a transposed view (a backward's `grad @ W` is `matmul_t(grad, W.t())`)."""
+    if use_onednn(x):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """A linear layer's weight gradient `grad.T @ x` from rows of output gradients and inputs.
+
+    Where oneDNN applies and the layer does not widen (in >= out features), it runs as the weight
+    gradient of a 1x1 convolution over the rows, laid out channels-last so that no copy is made:
+    oneDNN's kernel, which the linear op does not expose for activation-sized operands, took 0.5-0.85x
+    MKL's time at SReT's shapes. For widening layers MKL's GEMM was as fast or faster.
+    """
+    if not (use_onednn(x) and x.shape[1] >= grad.shape[1]):
+        return grad.t() @ x
+
+    def as_image(rows: Tensor) -> Tensor:  # (M, C) -> (1, C, M, 1), channels-last view
+        return rows.view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2)
+
+    args = [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+    grads = torch.ops.aten.convolution_backward(
+        as_image(grad), as_image(x), weight[:, :, None, None], None, *args
     )
+    return grads[1].reshape(weight.shape)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """`F.linear` whose products run in oneDNN in fp32 CPU training (see :func:`weight_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return matmul_t(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad = grad.contiguous()
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = matmul_t(grad, weight.t()) if need_x else None
+        grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight) if need_weight else None
+        grad_bias = rows.sum(0) if need_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False) -> Tensor:
     """`F.linear(x, weight, bias)`, followed by exact (erf) GELU when `gelu`."""
-    if use_onednn(x):
+    if use_onednn(x) and not torch.is_grad_enabled():
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    x = F.linear(x, weight, bias)
+    x = OneDNNLinear.apply(x, weight, bias) if use_onednn(x) else F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x
 
 
+# Longest sequence attended by plain matrix products instead of torch's fused CPU kernel.
+UNFUSED_ATTENTION_TOKENS = 64
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, scale: float) -> Tensor:
+    """`F.scaled_dot_product_attention`, run as two matrix products and a softmax for short
+    sequences in eager fp32 CPU work.
+
+    torch's CPU flash-attention kernel works through 32-query blocks one small GEMM at a time; for
+    SReT's 49-token groups with 32-wide heads that took 1.4-1.7x the time of the unfused products,
+    forward and backward, whose attention matrices are small at that length. At 98 tokens the two
+    were even; beyond, the fused kernel wins and keeps memory flat, so it runs there.
+    """
+    unfused = (
+        q.shape[-2] <= UNFUSED_ATTENTION_TOKENS
+        and mask is None
+        and dropout_p == 0.0
+        and q.device.type == "cpu"
+        and plain_eager_fp32(q)
+    )
+    if unfused:
+        return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
-    """`relu(conv2d(x, weight, bias, stride, padding))`."""
-    if use_onednn(x):
+    """`relu(conv2d(x, weight, bias, stride, padding))`, in one oneDNN kernel in CPU inference."""
+    if use_onednn(x) and not torch.is_grad_enabled():
         pair = [padding, padding], [stride, stride], [1, 1]
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *pair, 1, "relu", [], "")
     return F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), inplace=True)
