@@ -683,14 +683,14 @@ def print_report(result: dict[str, Any]) -> None:
         )
     if timed_attention:
         passes = "forward + backward" if cfg["train"] else "forward"
-        notes.append(f"attn ms = median time per step inside scaled_dot_product_attention ({passes})")
+        notes.append(f"attn ms = median time per step inside attention ({passes})")
     if result.get("sret_fused_kernels"):
         what = (
-            "linear layers' products in oneDNN"
+            "its linear layers' products in oneDNN"
             if cfg["train"]
-            else "bias, GELU and ReLU fused into oneDNN linear/conv kernels"
+            else "oneDNN linear/conv kernels with bias, GELU and ReLU fused"
         )
-        notes.append(f"SReT ran its {what} (sret.fused); timm's models run torch's default kernels")
+        notes.append(f"SReT ran {what} (sret.fused); timm's models run torch's default kernels")
     if cfg["memory"]:
         total = "allocated (CUDA)" if cfg["device"].startswith("cuda") else "RSS of a fresh process"
         held = "weights, grads, AdamW state, batch" if cfg["train"] else "weights and batch"

@@ -1,7 +1,7 @@
-"""oneDNN kernels for eager fp32 CPU work.
+"""Kernel choices for eager fp32 CPU work.
 
-Two things make PyTorch's default CPU path slow on SReT's layers, which are narrow (64-256 channels,
-hidden layers of a few hundred) and many:
+Three things make PyTorch's default CPU path slow on SReT's layers, which are narrow (64-256 channels,
+hidden layers of a few hundred, 32-wide attention heads) and many:
 
 - A linear layer's matrix products run in MKL's sgemm. On the AMD EPYC (AVX-512) this project is
   measured on, oneDNN's GEMM, which PyTorch also ships, runs the same products 1.1-2x faster
@@ -10,8 +10,11 @@ hidden layers of a few hundred) and many:
 - In inference, a linear layer costs a bias broadcast-copy into the output before its product and a
   GELU after it another full pass over the (widest) activations; likewise a convolution and its ReLU.
   oneDNN runs bias and activation inside the kernel's epilogue, as torch's own compiler does.
+- The fused attention kernel is slow on short sequences: short token groups attend by plain matrix
+  products instead (:func:`attention`).
 
-The results agree with the composite ops to float rounding (the same products, bias and erf-GELU).
+The results agree with the composite ops to float rounding (the same products, bias, erf-GELU and
+softmax).
 Everywhere else (autocast, CUDA, torch.compile, torch.export, ONNX, TorchScript, torch.func transforms)
 the plain ops run, so graphs and exports never see these kernels.
 """
@@ -73,7 +76,7 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
     Where oneDNN applies and the layer does not widen (in >= out features), it runs as the weight
     gradient of a 1x1 convolution over the rows, laid out channels-last so that no copy is made:
-    oneDNN's kernel, which the linear op does not expose for activation-sized operands, took 0.5-0.85x
+    oneDNN's kernel, which the linear op does not expose for activation-sized operands, took 0.5-0.93x
     MKL's time at SReT's shapes. For widening layers MKL's GEMM was as fast or faster.
     """
     if not (use_onednn(x) and x.shape[1] >= grad.shape[1]):
@@ -129,7 +132,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     sequences in eager fp32 CPU work.
 
     torch's CPU flash-attention kernel works through 32-query blocks one small GEMM at a time; for
-    SReT's 49-token groups with 32-wide heads that took 1.4-1.7x the time of the unfused products,
+    SReT's 49-token groups with 32-wide heads that took 1.2-1.7x the time of the unfused products,
     forward and backward, whose attention matrices are small at that length. At 98 tokens the two
     were even; beyond, the fused kernel wins and keeps memory flat, so it runs there.
     """
