@@ -686,9 +686,9 @@ def print_report(result: dict[str, Any]) -> None:
         notes.append(f"attn ms = median time per step inside attention ({passes})")
     if result.get("sret_fused_kernels"):
         what = (
-            "its linear layers' products in oneDNN"
+            "its larger linear layers' products in oneDNN"
             if cfg["train"]
-            else "oneDNN linear/conv kernels with bias, GELU and ReLU fused"
+            else "its larger linear/conv layers in oneDNN with bias, GELU and ReLU fused"
         )
         notes.append(f"SReT ran {what} (sret.fused); timm's models run torch's default kernels")
     if cfg["memory"]:

@@ -57,16 +57,29 @@ def plain_eager_fp32(x: Tensor) -> bool:
     return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type) and not recording()
 
 
-def use_onednn(x: Tensor) -> bool:
-    """Whether `x` is headed through eager fp32 CPU ops, where oneDNN's kernels apply."""
-    return ONEDNN_OPS and torch.backends.mkldnn.enabled and x.device.type == "cpu" and plain_eager_fp32(x)
+# Smallest product (multiply-accumulates) given to oneDNN: a oneDNN call costs ~15 us more than
+# torch's default, which outweighs its faster kernel below a few million MACs (sret_nano's layers at
+# batch 64 trained 15 % slower through it).
+ONEDNN_MIN_MACS = 1 << 23
+
+
+def use_onednn(x: Tensor, macs: int | None = None) -> bool:
+    """Whether `x` is headed through eager fp32 CPU ops, where oneDNN's kernels apply, in a product
+    of `macs` multiply-accumulates large enough to gain from them (any size when None)."""
+    return (
+        ONEDNN_OPS
+        and (macs is None or macs >= ONEDNN_MIN_MACS)
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and plain_eager_fp32(x)
+    )
 
 
 def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`x @ weight.T + bias` outside autograd, in oneDNN's GEMM where :func:`use_onednn` holds.
 
     `weight` may be a transposed view (a backward's `grad @ W` is `matmul_t(grad, W.t())`)."""
-    if use_onednn(x):
+    if use_onednn(x, x.numel() * weight.shape[0]):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -79,7 +92,7 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     oneDNN's kernel, which the linear op does not expose for activation-sized operands, took 0.5-0.93x
     MKL's time at SReT's shapes. For widening layers MKL's GEMM was as fast or faster.
     """
-    if not (use_onednn(x) and x.shape[1] >= grad.shape[1]):
+    if not (x.shape[1] >= grad.shape[1] and use_onednn(x, x.numel() * grad.shape[1])):
         return grad.t() @ x
 
     def as_image(rows: Tensor) -> Tensor:  # (M, C) -> (1, C, M, 1), channels-last view
@@ -115,11 +128,12 @@ class OneDNNLinear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False) -> Tensor:
     """`F.linear(x, weight, bias)`, followed by exact (erf) GELU when `gelu`."""
-    if use_onednn(x) and not torch.is_grad_enabled():
+    onednn = use_onednn(x, x.numel() * weight.shape[0])
+    if onednn and not torch.is_grad_enabled():
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    x = OneDNNLinear.apply(x, weight, bias) if use_onednn(x) else F.linear(x, weight, bias)
+    x = OneDNNLinear.apply(x, weight, bias) if onednn else F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x
 
 
@@ -150,7 +164,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
     """`relu(conv2d(x, weight, bias, stride, padding))`, in one oneDNN kernel in CPU inference."""
-    if use_onednn(x) and not torch.is_grad_enabled():
+    macs = x.shape[0] * (x.shape[-2] // stride) * (x.shape[-1] // stride) * weight.numel()
+    if use_onednn(x, macs) and not torch.is_grad_enabled():
         pair = [padding, padding], [stride, stride], [1, 1]
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *pair, 1, "relu", [], "")
     return F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), inplace=True)
