@@ -68,10 +68,10 @@ def use_onednn(x: Tensor, macs: int | None = None) -> bool:
     of `macs` multiply-accumulates large enough to gain from them (any size when None)."""
     return (
         ONEDNN_OPS
-        and (macs is None or macs >= ONEDNN_MIN_MACS)
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and plain_eager_fp32(x)
+        and (macs is None or macs >= ONEDNN_MIN_MACS)  # last: under export, sizes are symbolic
     )
 
 
@@ -92,7 +92,7 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     oneDNN's kernel, which the linear op does not expose for activation-sized operands, took 0.5-0.93x
     MKL's time at SReT's shapes. For widening layers MKL's GEMM was as fast or faster.
     """
-    if not (x.shape[1] >= grad.shape[1] and use_onednn(x, x.numel() * grad.shape[1])):
+    if not (use_onednn(x, x.numel() * grad.shape[1]) and x.shape[1] >= grad.shape[1]):
         return grad.t() @ x
 
     def as_image(rows: Tensor) -> Tensor:  # (M, C) -> (1, C, M, 1), channels-last view
@@ -151,11 +151,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     were even; beyond, the fused kernel wins and keeps memory flat, so it runs there.
     """
     unfused = (
-        q.shape[-2] <= UNFUSED_ATTENTION_TOKENS
+        q.device.type == "cpu"
+        and plain_eager_fp32(q)
         and mask is None
         and dropout_p == 0.0
-        and q.device.type == "cpu"
-        and plain_eager_fp32(q)
+        and q.shape[-2] <= UNFUSED_ATTENTION_TOKENS  # last: under export, sizes are symbolic
     )
     if unfused:
         return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
