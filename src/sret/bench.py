@@ -301,7 +301,6 @@ def matmul_probe(device: str, amp: str | None, size: int | None = None) -> tuple
     where it applies, faster than torch's default there), and is timed inside every round-robin round,
     so it sees the same machine load as the models.
     """
-
     size = size or (2048 if torch.device(device).type == "cpu" else 8192)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -519,7 +518,6 @@ def run_benchmark(
 def fused_kernels_apply(cfg: BenchConfig) -> bool:
     """Whether SReT runs its oneDNN kernels (:mod:`sret.fused`) in this configuration: asked of
     `fused.use_onednn` in the step's own context (compiled steps never do)."""
-
     if cfg.compile:
         return False
     with autocast(cfg):

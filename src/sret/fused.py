@@ -6,7 +6,8 @@ hidden layers of a few hundred, 32-wide attention heads) and many:
 - A linear layer's matrix products run in MKL's sgemm. On the AMD EPYC (AVX-512) this project is
   measured on, oneDNN's GEMM, which PyTorch also ships, runs the same products 1.1-2x faster
   (`benchmarks/README.md`); most at the 64-channel first stage. Training therefore runs the forward
-  product and the input gradient of every linear layer through oneDNN (:class:`OneDNNLinear`).
+  product and the input gradient of linear layers through oneDNN (:class:`OneDNNLinear`), wherever
+  the product is large enough to repay a oneDNN call (:data:`ONEDNN_MIN_MACS`).
 - In inference, a linear layer costs a bias broadcast-copy into the output before its product and a
   GELU after it another full pass over the (widest) activations; likewise a convolution and its ReLU.
   oneDNN runs bias and activation inside the kernel's epilogue, as torch's own compiler does.
@@ -14,9 +15,8 @@ hidden layers of a few hundred, 32-wide attention heads) and many:
   products instead (:func:`attention`).
 
 The results agree with the composite ops to float rounding (the same products, bias, erf-GELU and
-softmax).
-Everywhere else (autocast, CUDA, torch.compile, torch.export, ONNX, TorchScript, torch.func transforms)
-the plain ops run, so graphs and exports never see these kernels.
+softmax). Everywhere else (autocast, CUDA, torch.compile, torch.export, ONNX, TorchScript, torch.func
+transforms) the plain ops run, so graphs and exports never see these kernels.
 """
 
 from __future__ import annotations
