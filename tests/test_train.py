@@ -70,6 +70,8 @@ def test_ctrl_c_says_where_to_resume(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a test runner started in the background inherits an ignored SIGINT, which Python keeps
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     state = tmp_path / "r" / STATE_FILE
     deadline = time.monotonic() + 120
