@@ -105,6 +105,23 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     return grads[1].reshape(weight.shape)
 
 
+def linear_backward(
+    grad: Tensor,
+    x: Tensor | None,
+    weight: Tensor,
+    need_x: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of `F.linear(x, weight, bias)` for the input, weight and bias from the output's
+    (contiguous) gradient, each only where needed (`x` may be None without `need_weight`)."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight) if need_weight else None
+    grad_bias = rows.sum(0) if need_bias else None
+    grad_x = matmul_t(grad, weight.t()) if need_x else None
+    return grad_x, grad_weight, grad_bias
+
+
 class OneDNNLinear(torch.autograd.Function):
     """`F.linear` whose products run in oneDNN in fp32 CPU training (see :func:`weight_grad`)."""
 
@@ -117,13 +134,7 @@ class OneDNNLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad
-        grad = grad.contiguous()
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = matmul_t(grad, weight.t()) if need_x else None
-        grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight) if need_weight else None
-        grad_bias = rows.sum(0) if need_bias else None
-        return grad_x, grad_weight, grad_bias
+        return linear_backward(grad.contiguous(), x, weight, *ctx.needs_input_grad)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False) -> Tensor:

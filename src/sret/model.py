@@ -439,15 +439,13 @@ class HiddenRecomputed(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, h, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        grad = grad.contiguous()
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_w2 = fused.weight_grad(rows, F.gelu(h).reshape(-1, h.shape[-1]), w2) if need_w2 else None
-        grad_b2 = rows.sum(0) if need_b2 else None
-        grad_h = torch.ops.aten.gelu_backward(fused.matmul_t(grad, w2.t()), h)
-        rows_h = grad_h.reshape(-1, grad_h.shape[-1])
-        grad_w1 = fused.weight_grad(rows_h, x.reshape(-1, x.shape[-1]), w1) if need_w1 else None
-        grad_b1 = rows_h.sum(0) if need_b1 else None
-        grad_x = fused.matmul_t(grad_h, w1.t()) if need_x else None
+        hidden = F.gelu(h) if need_w2 else None
+        grad_hidden, grad_w2, grad_b2 = fused.linear_backward(
+            grad.contiguous(), hidden, w2, True, need_w2, need_b2
+        )
+        del hidden
+        grad_h = torch.ops.aten.gelu_backward(grad_hidden, h)
+        grad_x, grad_w1, grad_b1 = fused.linear_backward(grad_h, x, w1, need_x, need_w1, need_b1)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
