@@ -19,6 +19,7 @@ from sret.model import (
     MODEL_CONFIGS,
     FeedForward,
     HiddenRecomputed,
+    ScaledResidual,
     SlicedAttention,
     SReT,
     SReTConfig,
@@ -364,6 +365,45 @@ def test_mlp_training_keeps_one_hidden_tensor_and_the_exact_gradients() -> None:
         torch.testing.assert_close(a, b)
     inputs = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]
     assert torch.autograd.gradcheck(HiddenRecomputed.apply, inputs)
+
+
+def test_scaled_residual_has_the_gradients_of_addcmul() -> None:
+    x, branch = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    skip = torch.tensor([0.7], requires_grad=True)
+    g = torch.randn(2, 5, 8)
+    ours = ScaledResidual.apply(x, branch, skip)
+    plain = torch.addcmul(branch, x, skip)
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(
+        torch.autograd.grad(ours, (x, branch, skip), g),
+        torch.autograd.grad(plain, (x, branch, skip), g),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    inputs = [t.detach().double().requires_grad_() for t in (x, branch, skip)]
+    assert torch.autograd.gradcheck(ScaledResidual.apply, inputs)
+
+
+def test_model_gradients_equal_those_of_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every hand-made backward of the model together (permutations, residuals, recomputed MLPs,
+    unfused attention) gives the gradients that autograd gives through the plain ops, which is what
+    runs whenever something records the ops."""
+    torch.manual_seed(0)
+    model = SReT(tiny_cfg(shuffle="fixed", drop_path_rate=0.0)).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def gradients() -> dict[str, Tensor]:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ours = gradients()
+    with monkeypatch.context() as plain_ops:
+        plain_ops.setattr(fused, "recording", lambda: True)
+        assert not fused.plain_eager_fp32(x)
+        plain = gradients()
+    for name, g in plain.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_shared_block_folds_its_weights_once_per_forward() -> None:

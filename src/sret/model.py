@@ -412,10 +412,32 @@ def gained(linear: nn.Linear, gain: Tensor | None) -> tuple[Tensor, Tensor]:
     return linear.weight * gain, linear.bias * gain
 
 
+class ScaledResidual(torch.autograd.Function):
+    """`skip * x + branch` whose backward takes three passes instead of six.
+
+    Autograd's backward of `addcmul(branch, x, skip)` copies `x * 1`, multiplies it by the gradient
+    and sums the product for the scalar's gradient; here that gradient is one dot product."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
+        ctx.save_for_backward(x, skip)
+        return torch.addcmul(branch, x, skip)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        x, skip = ctx.saved_tensors
+        need_x, _, need_skip = ctx.needs_input_grad
+        grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1)).view(1) if need_skip else None
+        return grad * skip if need_x else None, grad, grad_skip
+
+
 def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
     """`skip * x + branch` in one pass; plain `x + branch` when the coefficients are ablated."""
     if skip is None:
         return x + branch
+    if torch.is_grad_enabled() and fused.plain_eager_fp32(x):
+        return ScaledResidual.apply(x, branch, skip)
     return torch.addcmul(branch, x, skip)
 
 
