@@ -559,44 +559,25 @@ def comparisons(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
     by_label = {r.label: r for r in rows}
     reference = next((r for r in rows if r.reference), None)
     out: list[dict[str, Any]] = []
+
+    def ratio(what: str, value: float) -> None:
+        out.append({"what": what, "value": value})
+
     for row in rows:
         if reference is not None and not row.reference:
-            out.append(
-                {
-                    "what": f"{row.label} GFLOP/s / {reference.label} GFLOP/s",
-                    "value": row.gflops / reference.gflops,
-                }
-            )
+            ratio(f"{row.label} GFLOP/s / {reference.label} GFLOP/s", row.gflops / reference.gflops)
             if row.attention_ms and reference.attention_ms:
-                out.append(
-                    {
-                        "what": f"{row.label} attention ms / {reference.label} attention ms",
-                        "value": row.attention_ms / reference.attention_ms,
-                    }
-                )
+                what = f"{row.label} attention ms / {reference.label} attention ms"
+                ratio(what, row.attention_ms / reference.attention_ms)
         twin = by_label.get(row.label.replace(row.model, f"{row.model}_noslice", 1))
         if twin is not None and twin is not row:
-            out.append(
-                {
-                    "what": f"{row.label} images/s / {twin.label} images/s",
-                    "value": row.images_per_s / twin.images_per_s,
-                }
-            )
+            ratio(f"{row.label} images/s / {twin.label} images/s", row.images_per_s / twin.images_per_s)
         ckpt = by_label.get(f"{row.label} +ckpt")
         if ckpt is not None:
-            out.append(
-                {
-                    "what": f"{row.label}: step time with / without checkpointing",
-                    "value": ckpt.latency_ms / row.latency_ms,
-                }
-            )
+            ratio(f"{row.label}: step time with / without checkpointing", ckpt.latency_ms / row.latency_ms)
             if row.activation_mem_mib and ckpt.activation_mem_mib:
-                out.append(
-                    {
-                        "what": f"{row.label}: activation memory without / with checkpointing",
-                        "value": row.activation_mem_mib / ckpt.activation_mem_mib,
-                    }
-                )
+                what = f"{row.label}: activation memory without / with checkpointing"
+                ratio(what, row.activation_mem_mib / ckpt.activation_mem_mib)
     return out
 
 
