@@ -413,10 +413,10 @@ def gained(linear: nn.Linear, gain: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 class ScaledResidual(torch.autograd.Function):
-    """`skip * x + branch` whose backward takes three passes instead of six.
+    """`skip * x + branch` whose scalar gradient takes one pass over the activations instead of three.
 
-    Autograd's backward of `addcmul(branch, x, skip)` copies `x * 1`, multiplies it by the gradient
-    and sums the product for the scalar's gradient; here that gradient is one dot product."""
+    For the scalar's gradient autograd's backward of `addcmul(branch, x, skip)` copies `x * 1`,
+    multiplies the copy by the incoming gradient and sums the product; here it is one dot product."""
 
     @staticmethod
     def forward(ctx, x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
