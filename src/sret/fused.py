@@ -162,7 +162,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     model lays them out) the fused kernel was already faster, and it keeps memory flat, so it runs there.
 
     The scale multiplies the queries, not the scores: the product needs a contiguous copy of the
-    (strided) queries anyway, and the scores are the larger tensor from 33 tokens on.
+    (strided) queries anyway, and the scores are the larger tensor wherever a group has more tokens
+    than a head has channels (49 against 32 in SReT's short groups).
     """
     unfused = (
         q.device.type == "cpu"
