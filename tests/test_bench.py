@@ -10,7 +10,16 @@ import torch
 from typer.testing import CliRunner
 
 from sret import fused
-from sret.bench import AttentionTimer, BenchConfig, Contender, build_model, contenders, run_benchmark
+from sret.bench import (
+    AttentionTimer,
+    BenchConfig,
+    Contender,
+    PartTimer,
+    build_model,
+    contenders,
+    model_parts,
+    run_benchmark,
+)
 from sret.cli import app
 
 ROW_FIELDS = {
@@ -32,6 +41,8 @@ ROW_FIELDS = {
     "activation_mem_mib",
     "peak_mem_mib",
     "attention_ms",
+    "parts",
+    "outside_parts_ms",
     "latencies_ms",
 }
 
@@ -141,3 +152,52 @@ def test_bench_reports_attention_time_per_model(train: bool) -> None:
     assert any("attention ms / deit_tiny" in c["what"] for c in doc["comparisons"])
     with pytest.raises(ValueError, match="needs --device cpu and no --compile"):
         BenchConfig(attention_time=True, compile=True)
+
+
+def test_model_parts_open_module_lists_and_skip_parameterless_modules() -> None:
+    model, _ = build_model(Contender("sret_nano"), BenchConfig(img_size=32))
+    names = [name for name, _ in model_parts(model)]
+    assert names == ["patch_embed", "stages.0", "stages.1", "stages.2", "pools.0", "pools.1", "norm", "head"]
+    deit, _ = build_model(Contender("deit_tiny_patch16_224"), BenchConfig(img_size=32))
+    assert [name for name, _ in model_parts(deit)] == ["patch_embed", "blocks", "norm", "head"]
+
+
+def test_part_timer_times_backward_of_tuple_outputs_and_inputs_without_gradient() -> None:
+    """PiT's stages pass (tokens, class token) tuples, of which only the class token reaches the loss;
+    its patch embedding is fed images, which need no gradient: both still get a backward time."""
+    model, _ = build_model(Contender("pit_ti_224"), BenchConfig(img_size=64))
+    timer = PartTimer(model)
+    with timer.timing():
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert set(timer.forward) == {"patch_embed", "transformers", "norm", "head"}
+    assert all(t > 0 for t in timer.forward.values())
+    assert all(t > 0 for t in timer.backward.values()), timer.backward
+    with timer.timing():  # a new step starts from zero
+        assert set(timer.forward.values()) == set(timer.backward.values()) == {0.0}
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bench_reports_time_and_macs_per_part(train: bool) -> None:
+    cfg = BenchConfig(batch=2, img_size=32, train=train, warmup=0, repeats=2, memory=False, part_time=True)
+    doc = run_benchmark(contenders(["sret_nano"], references=("deit_tiny_patch16_224",)), cfg)
+    json.dumps(doc)
+    for row in doc["rows"]:
+        parts = row["parts"]
+        # every MAC of the model happens inside one part (position embeddings and pooling of
+        # tokens cost none)
+        assert sum(p["macs"] for p in parts) == pytest.approx(row["gmacs"] * 1e9, rel=1e-9)
+        assert all(p["forward_ms"] > 0 for p in parts)
+        assert all((p["backward_ms"] > 0) if train else p["backward_ms"] is None for p in parts)
+        assert sum(p["forward_ms"] + (p["backward_ms"] or 0) for p in parts) < row["latency_ms"]
+        assert 0 < row["outside_parts_ms"] < row["latency_ms"]
+        assert all(p["gflops"] is None if p["macs"] == 0 else p["gflops"] > 0 for p in parts)
+    with pytest.raises(ValueError, match="needs --device cpu and no --compile"):
+        BenchConfig(part_time=True, compile=True)
+
+
+def test_cli_bench_prints_the_part_table() -> None:
+    args = ["bench", "sret_nano", "--img-size", "32", "--batch", "2", "--warmup", "0", "--repeats", "1"]
+    result = CliRunner().invoke(app, [*args, "--no-memory", "--no-reference", "--train", "--part-time"])
+    assert result.exit_code == 0, result.output
+    assert "time per part" in result.output and "(rest)" in result.output
+    assert all(f"stages.{i}" in result.output for i in range(3))

@@ -64,6 +64,7 @@ class BenchConfig:
     repeats: int = 10
     memory: bool = True
     attention_time: bool = False  # also time the attention calls inside each step (CPU, eager)
+    part_time: bool = False  # also time each top-level part of the model inside each step (CPU, eager)
 
     def __post_init__(self) -> None:
         if self.amp not in (None, "bf16"):
@@ -87,6 +88,11 @@ class BenchConfig:
         if self.attention_time and (kind != "cpu" or self.compile):
             raise ValueError(
                 "attention is timed from the host around each call: it needs --device cpu and no --compile"
+            )
+        if self.part_time and (kind != "cpu" or self.compile):
+            raise ValueError(
+                "parts are timed from the host around each module call: it needs --device cpu and "
+                "no --compile"
             )
 
 
@@ -125,6 +131,8 @@ class BenchRow:
     activation_mem_mib: float | None = None
     peak_mem_mib: float | None = None
     attention_ms: float | None = None  # median over repeats of the step's time in attention
+    parts: list[dict[str, Any]] | None = None  # with part_time: time and MACs per part (_parts_summary)
+    outside_parts_ms: float | None = None  # with part_time: median of (step - its parts): loss, optimizer
     latencies_ms: list[float] = field(default_factory=list)
 
 
@@ -236,6 +244,94 @@ class AttentionTimer:
         q.register_hook(done)
 
 
+def model_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's top-level modules that hold parameters, by name, with module lists opened into
+    their elements: SReT's stem, each stage and pooling, norm and head; a ViT's patch embedding,
+    blocks, norm and head."""
+    parts = []
+    for name, child in model.named_children():
+        members = child.named_children() if isinstance(child, nn.ModuleList) else [("", child)]
+        for index, module in members:
+            if next(module.parameters(), None) is not None:
+                parts.append((f"{name}.{index}" if index else name, module))
+    return parts
+
+
+class PartTimer:
+    """Host time of each top-level part of a model (:func:`model_parts`) during a step.
+
+    Forward: module hooks around each call. Backward: from the moment the gradient of the part's output
+    is ready to the moment the gradient of its input is; a part whose input needs no gradient (the
+    stem, fed the images) ends when the step's backward does, so the step's :meth:`timing` must
+    enclose its backward. Exact only where kernels run synchronously with the host: eager CPU.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.parts = model_parts(model)
+        self.forward = dict.fromkeys((name for name, _ in self.parts), 0.0)
+        self.backward = dict(self.forward)
+        self._open: dict[str, float] = {}  # part -> time its backward started, input grad pending
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        """Time one step: its forward calls and the backward of whatever they produce."""
+        for times in (self.forward, self.backward):
+            times.update(dict.fromkeys(times, 0.0))
+        self._open.clear()
+        handles = []
+        for name, module in self.parts:
+            handles.append(module.register_forward_pre_hook(self._forward_started(name)))
+            handles.append(module.register_forward_hook(self._forward_done(name)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            now = time.perf_counter()
+            for name, started in self._open.items():  # inputs without gradient: ended with the backward
+                self.backward[name] += now - started
+            self._open.clear()
+
+    def _forward_started(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.forward[name] -= time.perf_counter()
+
+        return hook
+
+    def _forward_done(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self.forward[name] += time.perf_counter()
+            outputs = [t for t in _tensors(output) if t.requires_grad]
+            if outputs:
+                self._time_backward(name, outputs, [t for t in _tensors(args) if t.requires_grad])
+
+        return hook
+
+    def _time_backward(self, name: str, outputs: list[Tensor], inputs: list[Tensor]) -> None:
+        """Start at the first output gradient (PiT's stages return tokens and a class token, of which
+        only one may get a gradient); end once every input gradient there will be is computed."""
+
+        def started(_: Tensor) -> None:
+            self._open[name] = time.perf_counter()
+
+        def done(_: Sequence[Tensor | None]) -> None:
+            if name in self._open:
+                self.backward[name] += time.perf_counter() - self._open.pop(name)
+
+        torch.autograd.graph.register_multi_grad_hook(outputs, started, mode="any")
+        if inputs:
+            torch.autograd.graph.register_multi_grad_hook(inputs, done, mode="all")
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in a module's arguments or output (nested tuples and lists)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
 @dataclass
 class Step:
     """One benchmark step (inference, or forward + cross-entropy backward + AdamW) and its optimizer."""
@@ -243,6 +339,7 @@ class Step:
     run: Callable[[], None]
     optimizer: torch.optim.Optimizer | None = None
     attention: AttentionTimer | None = None  # with cfg.attention_time
+    parts: PartTimer | None = None  # with cfg.part_time
 
 
 def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
@@ -252,7 +349,12 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
     # static shapes: every model is timed at one fixed batch and size
     fn = torch.compile(model, fullgraph=True, dynamic=False) if cfg.compile else model
     timer = AttentionTimer() if cfg.attention_time else None
-    timing = timer.timing if timer is not None else nullcontext
+    parts = PartTimer(model) if cfg.part_time else None
+
+    @contextmanager
+    def timing() -> Iterator[None]:
+        with timer.timing() if timer else nullcontext(), parts.timing() if parts else nullcontext():
+            yield
 
     if not cfg.train:
 
@@ -260,7 +362,7 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
             with torch.inference_mode(), autocast(cfg), timing():
                 fn(x)
 
-        return Step(infer, attention=timer)
+        return Step(infer, attention=timer, parts=parts)
 
     y = torch.randint(0, getattr(model, "num_classes", 1000), (cfg.batch,), device=cfg.device)
     # torch's fused AdamW where it has one, for every model alike (the per-tensor path would otherwise
@@ -268,13 +370,14 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=has_fused_adam(cfg.device) or None)
 
     def train_step() -> None:
-        with autocast(cfg), timing():
-            loss = F.cross_entropy(fn(x), y)
-        loss.backward()
+        with timing():
+            with autocast(cfg):
+                loss = F.cross_entropy(fn(x), y)
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Step(train_step, optimizer, timer)
+    return Step(train_step, optimizer, timer, parts)
 
 
 def synchronize(device: str) -> None:
@@ -450,22 +553,25 @@ class _Prepared:
     macs: int
     times: list[float] = field(default_factory=list)
     attention_times: list[float] = field(default_factory=list)
+    part_macs: dict[str, int] = field(default_factory=dict)  # with part_time: MACs of one image per part
+    part_times: list[tuple[dict[str, float], dict[str, float]]] = field(default_factory=list)  # fwd, bwd
 
 
 def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
     """Build a contender and count its MACs, which runs it once on one image: a model that rejects the
     configuration (its input size, say) fails here, before any timing, with a BenchError naming it."""
-    from sret.info import count_macs
+    from sret.info import count_macs, macs_by_module
 
     try:
         model, img_size = build_model(contender, cfg)
         macs = count_macs(model, img_size)  # before compiling; eager and compiled graphs do the same work
+        part_macs = macs_by_module(model, img_size) if cfg.part_time else {}
     except (ValueError, AssertionError, RuntimeError) as e:
         size = f"img_size {cfg.img_size}" if cfg.img_size is not None else "its default img_size"
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise BenchError(f"{contender.label} cannot run at {size}: {reason}") from e
     params = sum(p.numel() for p in model.parameters())
-    return _Prepared(contender, make_step(model, img_size, cfg), img_size, params, macs)
+    return _Prepared(contender, make_step(model, img_size, cfg), img_size, params, macs, part_macs=part_macs)
 
 
 def run_benchmark(
@@ -490,6 +596,8 @@ def run_benchmark(
                 p.times.append(elapsed)
                 if p.step.attention is not None:
                     p.attention_times.append(p.step.attention.seconds)
+                if p.step.parts is not None:
+                    p.part_times.append((dict(p.step.parts.forward), dict(p.step.parts.backward)))
         probe_times += [timed(probe, cfg.device) for _ in range(2)]
     peak = probe_flop / statistics.median(probe_times) / 1e9
     log(f"matmul peak: {peak:.1f} GFLOP/s")
@@ -544,8 +652,34 @@ def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
         gflops=gflops,
         peak_fraction=gflops / peak,
         attention_ms=statistics.median(p.attention_times) * 1e3 if p.attention_times else None,
+        parts=_parts_summary(p, cfg) if p.part_times else None,
+        outside_parts_ms=_outside_parts_ms(p) if p.part_times else None,
         latencies_ms=[t * 1e3 for t in p.times],
     )
+
+
+def _outside_parts_ms(p: _Prepared) -> float:
+    """Median over repeats of the step's time outside its parts, each repeat against its own parts."""
+    repeats = zip(p.times, p.part_times, strict=True)
+    rest = [step - sum(fwd.values()) - sum(bwd.values()) for step, (fwd, bwd) in repeats]
+    return statistics.median(rest) * 1e3
+
+
+def _parts_summary(p: _Prepared, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Per part: forward MACs of one image, median forward and backward ms per step, and GFLOP/s
+    counted as for the whole model (x TRAIN_MAC_FACTOR when training)."""
+    out = []
+    for name in p.part_times[0][0]:
+        forward = statistics.median(fwd[name] for fwd, _ in p.part_times) * 1e3
+        backward = statistics.median(bwd[name] for _, bwd in p.part_times) * 1e3 if cfg.train else None
+        macs = p.part_macs.get(name, 0)
+        elapsed = forward + (backward or 0.0)
+        flop = macs * cfg.batch * 2 * (TRAIN_MAC_FACTOR if cfg.train else 1)
+        gflops = flop / elapsed / 1e6 if macs and elapsed > 0 else None
+        out.append(
+            {"part": name, "macs": macs, "forward_ms": forward, "backward_ms": backward, "gflops": gflops}
+        )
+    return out
 
 
 def _add_reference_ratios(rows: list[BenchRow]) -> None:
@@ -676,8 +810,39 @@ def print_report(result: dict[str, Any]) -> None:
         notes.append(f"act. = memory a step adds to {held}; peak = total {total}")
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
+    if cfg.get("part_time"):
+        _print_parts(console, result)
     for comparison in result["comparisons"]:
         console.print(f"{comparison['what']}: [bold]{comparison['value']:.2f}[/bold]")
+
+
+def _print_parts(console: Any, result: dict[str, Any]) -> None:
+    """Table of each model's time per part, its rate against the reference model's, and the rest of
+    the step (loss, optimizer, glue between parts)."""
+    from rich.table import Table
+
+    train = result["config"]["train"]
+    reference = next((r for r in result["rows"] if r["reference"]), None)
+    table = Table(title="time per part (median ms per step)")
+    columns = ("model", "part", "MMACs/img", "fwd ms", "bwd ms", "% of step", "GFLOP/s", "x ref")
+    for col in columns if train else tuple(c for c in columns if c != "bwd ms"):
+        table.add_column(col, justify="left" if col in ("model", "part") else "right")
+    for r in result["rows"]:
+        for i, part in enumerate(r["parts"] or ()):
+            elapsed = part["forward_ms"] + (part["backward_ms"] or 0.0)
+            ratio = part["gflops"] / reference["gflops"] if reference and part["gflops"] else None
+            cells = [r["label"] if i == 0 else "", part["part"], f"{part['macs'] / 1e6:.1f}"]
+            cells += [f"{part['forward_ms']:.1f}"] + ([_fmt(part["backward_ms"], ".1f")] if train else [])
+            cells += [f"{elapsed / r['latency_ms']:.1%}", _fmt(part["gflops"], ".1f"), _fmt(ratio, ".2f")]
+            table.add_row(*cells)
+        blank = [""] * (2 if train else 1)
+        rest = r["outside_parts_ms"] / r["latency_ms"]
+        table.add_row("", "(rest)", "", *blank, f"{rest:.1%}", "", "", end_section=True)
+    console.print(table)
+    console.print(
+        "[dim]x ref = the part's GFLOP/s / the reference model's over its whole step; (rest) = the step "
+        "outside the parts (loss, optimizer, glue)[/dim]"
+    )
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ def bench_cmd(
     attention_time: bool = typer.Option(
         False, "--attention-time", help="Also report each step's time in attention (CPU, eager)."
     ),
+    part_time: bool = typer.Option(
+        False, "--part-time", help="Also report each step's time per part: stem, stages, head (CPU, eager)."
+    ),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed rounds first."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed rounds (median reported)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -106,6 +109,7 @@ def bench_cmd(
             repeats=repeats,
             memory=memory,
             attention_time=attention_time,
+            part_time=part_time,
         )
         unknown = [name for name in models or () if not timm.is_model(name)]
         if unknown:

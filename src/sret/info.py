@@ -67,6 +67,13 @@ def count_macs(model: nn.Module, img_size: int | None = None) -> int:
     return _count(model, img_size).get_total_flops() // 2
 
 
+def macs_by_module(model: nn.Module, img_size: int | None = None) -> dict[str, int]:
+    """Multiply-accumulates of one image in each module that does any, by qualified name (inclusive:
+    a module's count holds its children's)."""
+    counts = _strip_root(_count(model, img_size).get_flop_counts())
+    return {name: flops // 2 for name, flops in counts.items()}
+
+
 @dataclass
 class ModelInfo:
     """Params and MACs of one model, split by component and by stage."""
