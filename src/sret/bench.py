@@ -41,6 +41,11 @@ DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
 TRAIN_MAC_FACTOR = 3  # forward + backward ~ 3x the forward MACs (backward computes two products per one)
 
 
+def mac_factor(cfg: BenchConfig) -> int:
+    """Multiplier of the forward MACs that a step does: TRAIN_MAC_FACTOR when training, else 1."""
+    return TRAIN_MAC_FACTOR if cfg.train else 1
+
+
 class BenchError(ValueError):
     """A model cannot run in the requested configuration (an input size it rejects, say)."""
 
@@ -617,7 +622,7 @@ def run_benchmark(
         "sret_fused_kernels": fused_kernels_apply(cfg),
         "config": asdict(cfg),
         "matmul_peak_gflops": peak,
-        "train_mac_factor": TRAIN_MAC_FACTOR if cfg.train else 1,
+        "train_mac_factor": mac_factor(cfg),
         "rows": [asdict(r) for r in rows],
         "comparisons": comparisons(rows),
     }
@@ -635,7 +640,7 @@ def fused_kernels_apply(cfg: BenchConfig) -> bool:
 def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
     latency = statistics.median(p.times)
     images_per_s = cfg.batch / latency
-    gflops = p.macs * 2 * (TRAIN_MAC_FACTOR if cfg.train else 1) * images_per_s / 1e9
+    gflops = p.macs * 2 * mac_factor(cfg) * images_per_s / 1e9
     return BenchRow(
         model=p.contender.name,
         label=p.contender.label,
@@ -667,14 +672,14 @@ def _outside_parts_ms(p: _Prepared) -> float:
 
 def _parts_summary(p: _Prepared, cfg: BenchConfig) -> list[dict[str, Any]]:
     """Per part: forward MACs of one image, median forward and backward ms per step, and GFLOP/s
-    counted as for the whole model (x TRAIN_MAC_FACTOR when training)."""
+    counted as for the whole model (x :func:`mac_factor`)."""
     out = []
     for name in p.part_times[0][0]:
         forward = statistics.median(fwd[name] for fwd, _ in p.part_times) * 1e3
         backward = statistics.median(bwd[name] for _, bwd in p.part_times) * 1e3 if cfg.train else None
         macs = p.part_macs.get(name, 0)
         elapsed = forward + (backward or 0.0)
-        flop = macs * cfg.batch * 2 * (TRAIN_MAC_FACTOR if cfg.train else 1)
+        flop = macs * cfg.batch * 2 * mac_factor(cfg)
         gflops = flop / elapsed / 1e6 if macs and elapsed > 0 else None
         out.append(
             {"part": name, "macs": macs, "forward_ms": forward, "backward_ms": backward, "gflops": gflops}
