@@ -159,7 +159,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     torch's CPU flash-attention kernel works through 32-query blocks one small GEMM at a time; for
     SReT's 49-token groups with 32-wide heads that took 1.2-1.7x the time of the unfused products,
     forward and backward, whose attention matrices are small at that length. At 98 tokens (as the
-    model lays them out) the fused kernel was already faster, and it keeps memory flat, so it runs there.
+    model lays them out) the fused kernel was as fast or faster timed alone, and even within noise in
+    the whole model; it keeps memory flat, so it runs there.
 
     The scale multiplies the queries, not the scores: the product needs a contiguous copy of the
     (strided) queries anyway, and the scores are the larger tensor wherever a group has more tokens
