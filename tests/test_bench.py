@@ -9,7 +9,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from sret import fused
+from sret import fused, native
 from sret.bench import (
     AttentionTimer,
     BenchConfig,
@@ -56,6 +56,7 @@ def test_cli_bench_json_inference() -> None:
     assert {"device", "torch", "threads", "config", "matmul_peak_gflops", "rows", "comparisons"} <= set(doc)
     assert doc["matmul_peak_gflops"] > 0 and doc["threads"] >= 1
     assert doc["sret_fused_kernels"] is fused.ONEDNN_OPS  # eager fp32 CPU inference
+    assert doc["sret_native_attention"] is (native.library() is not None)
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["sret_nano", "deit_tiny_patch16_224", "pit_ti_224"]
     for row in doc["rows"]:
@@ -133,10 +134,14 @@ def test_attention_timer_counts_forward_and_backward_and_restores_sdpa() -> None
     assert forward > 0 and torch.nn.functional.scaled_dot_product_attention is sdpa
     out.sum().backward()
     assert timer.seconds > forward  # the backward hooks fired
-    attend = fused.attention
-    with timer.timing():  # SReT's entry point (short sequences run unfused, not through SDPA)
-        fused.attention(q, k, v, None, 0.0, 8**-0.5)
-    assert timer.seconds > 0 and fused.attention is attend
+    attend = fused.qkv_attention
+    qkv = torch.randn(2, 16, 3 * 16, requires_grad=True)
+    with timer.timing():  # SReT's entry point (its own kernel or unfused products, not always SDPA)
+        out = fused.qkv_attention(qkv * 1, 2, 2, None, 0.0, 8**-0.5)
+    forward = timer.seconds
+    assert forward > 0 and fused.qkv_attention is attend
+    out.sum().backward()
+    assert timer.seconds > forward
     with timer.timing():  # a new step starts from zero
         assert timer.seconds == 0.0
 

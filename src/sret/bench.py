@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sret import fused
+from sret import fused, native
 from sret.runtime import has_fused_adam, release_cpu_memory
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
@@ -196,13 +196,14 @@ class AttentionTimer:
     """Host time spent attending during a step, forward and backward.
 
     timm's transformers attend through `F.scaled_dot_product_attention` and SReT through
-    `sret.fused.attention` (which calls it, or for short groups runs the products unfused); both are
-    patched for the forward pass, so every model is timed alike: each outermost call is timed around,
-    and its backward from the moment the output's gradient is ready to the moment the query's gradient
-    is (hooks the call registers). Exact only where kernels run synchronously with the host: eager CPU.
+    `sret.fused.qkv_attention` (SReT's own kernel, or torch's); both are patched for the forward pass,
+    so every model is timed alike: each outermost call is timed around, and its backward from the
+    moment the output's gradient is ready to the moment its first input's (the query's, or the qkv
+    projection's) gradient is (hooks the call registers). Exact only where kernels run synchronously
+    with the host: eager CPU.
     """
 
-    PATCHED = ((F, "scaled_dot_product_attention"), (fused, "attention"))
+    PATCHED = ((F, "scaled_dot_product_attention"), (fused, "qkv_attention"))
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -222,23 +223,23 @@ class AttentionTimer:
                 setattr(owner, name, fn)
 
     def _timed(self, attend: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def timed(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        def timed(first: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             if self._depth:  # inside another timed call
-                return attend(q, k, v, *args, **kwargs)
+                return attend(first, *args, **kwargs)
             self._depth += 1
             start = time.perf_counter()
             try:
-                out = attend(q, k, v, *args, **kwargs)
+                out = attend(first, *args, **kwargs)
             finally:
                 self._depth -= 1
             self.seconds += time.perf_counter() - start
-            if out.requires_grad and q.requires_grad:
-                self._time_backward(out, q)
+            if out.requires_grad and first.requires_grad:
+                self._time_backward(out, first)
             return out
 
         return timed
 
-    def _time_backward(self, out: Tensor, q: Tensor) -> None:
+    def _time_backward(self, out: Tensor, first: Tensor) -> None:
         started: list[float] = []
 
         def done(_: Tensor) -> None:
@@ -246,7 +247,7 @@ class AttentionTimer:
                 self.seconds += time.perf_counter() - started.pop()
 
         out.register_hook(lambda _: started.append(time.perf_counter()))
-        q.register_hook(done)
+        first.register_hook(done)
 
 
 def model_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -620,6 +621,7 @@ def run_benchmark(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "sret_fused_kernels": fused_kernels_apply(cfg),
+        "sret_native_attention": native_attention_applies(cfg),
         "config": asdict(cfg),
         "matmul_peak_gflops": peak,
         "train_mac_factor": mac_factor(cfg),
@@ -635,6 +637,14 @@ def fused_kernels_apply(cfg: BenchConfig) -> bool:
         return False
     with autocast(cfg):
         return fused.use_onednn(torch.empty(0, device=cfg.device))
+
+
+def native_attention_applies(cfg: BenchConfig) -> bool:
+    """Whether SReT attends in its own C kernel (:mod:`sret.native`) in this configuration: eager fp32
+    CPU steps, where the kernel is available."""
+    if cfg.compile or cfg.amp is not None or torch.device(cfg.device).type != "cpu":
+        return False
+    return native.library() is not None
 
 
 def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
@@ -802,13 +812,18 @@ def print_report(result: dict[str, Any]) -> None:
     if timed_attention:
         passes = "forward + backward" if cfg["train"] else "forward"
         notes.append(f"attn ms = median time per step inside attention ({passes})")
+    ran = []
     if result.get("sret_fused_kernels"):
         what = (
             "its larger linear layers' products in oneDNN"
             if cfg["train"]
             else "its larger linear/conv layers in oneDNN with bias, GELU and ReLU fused"
         )
-        notes.append(f"SReT ran {what} (sret.fused); timm's models run torch's default kernels")
+        ran.append(f"{what} (sret.fused)")
+    if result.get("sret_native_attention"):
+        ran.append("its attention in its own C kernel (sret.native)")
+    if ran:
+        notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:
         total = "allocated (CUDA)" if cfg["device"].startswith("cuda") else "RSS of a fresh process"
         held = "weights, grads, AdamW state, batch" if cfg["train"] else "weights and batch"

@@ -11,8 +11,9 @@ hidden layers of a few hundred, 32-wide attention heads) and many:
 - In inference, a linear layer costs a bias broadcast-copy into the output before its product and a
   GELU after it another full pass over the (widest) activations; likewise a convolution and its ReLU.
   oneDNN runs bias and activation inside the kernel's epilogue, as torch's own compiler does.
-- The fused attention kernel is slow on short sequences: short token groups attend by plain matrix
-  products instead (:func:`attention`).
+- The fused attention kernel is slow on short sequences with narrow heads: token groups attend in
+  SReT's own C kernel (:mod:`sret.native`) where it runs, else short ones by plain matrix products
+  (:func:`qkv_attention`).
 
 The results agree with the composite ops to float rounding (the same products, bias, erf-GELU and
 softmax). Everywhere else (autocast, CUDA, torch.compile, torch.export, ONNX, TorchScript, torch.func
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from sret import native
 
 
 def _has_onednn_ops() -> bool:
@@ -176,6 +179,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     if unfused:
         return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def qkv_attention(
+    qkv: Tensor, groups: int, heads: int, mask: Tensor | None, dropout_p: float, scale: float
+) -> Tensor:
+    """Multi-head attention within `groups` contiguous token groups of a qkv projection's output.
+
+    qkv: (B, groups * n, 3 * C); mask: None, or (B * groups, 1, 1, n) True where a key may be attended.
+    Returns (B, groups * n, C). In eager fp32 CPU work, unmasked and without dropout, this runs
+    :mod:`sret.native`'s kernel where it is available; otherwise heads are split for :func:`attention`.
+    """
+    B, N, width = qkv.shape
+    n, dim = N // groups, width // 3
+    if mask is None and dropout_p == 0.0 and plain_eager_fp32(qkv) and native.applies(qkv, n, dim // heads):
+        return native.sliced_attention(qkv, groups, heads, scale)
+    q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return attention(q, k, v, mask, dropout_p, scale).transpose(1, 2).reshape(B, N, dim)
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:

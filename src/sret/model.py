@@ -371,19 +371,17 @@ class SlicedAttention(nn.Module):
 
     def forward(self, x: Tensor, layout: TokenGroups, proj: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`proj`: weight and bias to use for the output projection (default: `self.proj`'s own)."""
-        B, _, C = x.shape
+        B = x.shape[0]
         G, n = layout.groups, layout.size
         permutation = layout.key_mask is None  # no padding: gather and scatter are mutual inverses
         if layout.gather is not None:
             x = take_tokens(x, layout.gather, layout.scatter if permutation else None)
         qkv = fused.linear(x, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.reshape(B * G, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
         mask = None
         if layout.key_mask is not None:
             mask = layout.key_mask[None].expand(B, -1, -1, -1).reshape(B * G, 1, 1, n)
-        x = fused.attention(q, k, v, mask, self.attn_drop if self.training else 0.0, self.scale)
-        x = x.transpose(1, 2).reshape(B, G * n, C)
+        dropout = self.attn_drop if self.training else 0.0
+        x = fused.qkv_attention(qkv, G, self.num_heads, mask, dropout, self.scale)
         if layout.scatter is not None:
             x = take_tokens(x, layout.scatter, layout.gather if permutation else None)
         weight, bias = proj if proj is not None else (self.proj.weight, self.proj.bias)

@@ -1,0 +1,251 @@
+/*
+ * Softmax attention for SReT's short token groups and narrow heads, forward and backward, in fp32
+ * with AVX-512. Loaded by sret/native.py, which compiles it on first use.
+ *
+ * Why: torch's CPU flash-attention kernel works through small query blocks with one library GEMM call
+ * per block; with 32-wide heads and groups of 49-392 tokens those calls and the per-block softmax
+ * bookkeeping cost more than the products. Here one (group, head) pair is attended at a time: its
+ * scores for eight queries stay in registers while they are produced, a whole row of scores stays in
+ * L1, and q, k, v are read straight from the qkv projection's output, and the result and gradients
+ * written straight into the layouts the projections use (no head split or merge copies).
+ *
+ * Layout: qkv holds rows of 3*H*D floats (q, k, v of all heads of one token), BG*n rows (BG groups
+ * of n tokens); out holds rows of H*D. lse holds, per (group, head) pair, the log-sum-exp of each
+ * query's scaled scores, which the backward uses to recompute the probabilities instead of storing
+ * them. Head widths up to 48 (three vectors).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#define ROWS 8 /* queries (or keys) per register block */
+#define MAX_VECTORS 3
+
+/* exp(x) for finite x <= 0 (scores minus their maximum): 2^k * e^r, r in [-ln2/2, ln2/2], with a
+ * degree-7 polynomial for e^r; within 2 ulp of expf over the range used. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* out[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < width (a multiple of 16). */
+static inline __attribute__((always_inline)) void
+rows_times_packed(const float *a, long lda, int rows, const float *bt, int width, int depth, float *out) {
+    for (int j0 = 0; j0 < width; j0 += 16) {
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int d = 0; d < depth; d++) {
+            __m512 b = _mm512_loadu_ps(bt + (long)d * width + j0);
+            for (int r = 0; r < ROWS; r++)
+                if (r < rows) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + d]), b, acc[r]);
+        }
+        for (int r = 0; r < ROWS; r++)
+            if (r < rows) _mm512_storeu_ps(out + (long)r * width + j0, acc[r]);
+    }
+}
+
+/* out[r] = scale * f[r] * sum_j w(r, j) * v[j] for r < rows, where w(r, j) = w[r * w_row + j * w_col]
+ * and the rows of v and out are `vectors` vectors wide, the last one masked by `last`. */
+static inline __attribute__((always_inline)) void
+weighted_rows(int vectors, const float *w, long w_row, long w_col, int m, int rows, const float *v, long ldv,
+              __mmask16 last, float *out, long ldo, const float *f, float scale) {
+    __m512 acc[ROWS][MAX_VECTORS];
+    for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < vectors; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int j = 0; j < m; j++) {
+        __m512 vj[MAX_VECTORS];
+        for (int t = 0; t < vectors; t++)
+            vj[t] = _mm512_maskz_loadu_ps(t == vectors - 1 ? last : 0xFFFF, v + (long)j * ldv + 16 * t);
+        for (int r = 0; r < ROWS; r++)
+            if (r < rows) {
+                __m512 wr = _mm512_set1_ps(w[r * w_row + (long)j * w_col]);
+                for (int t = 0; t < vectors; t++) acc[r][t] = _mm512_fmadd_ps(wr, vj[t], acc[r][t]);
+            }
+    }
+    for (int r = 0; r < ROWS; r++)
+        if (r < rows) {
+            __m512 s = _mm512_set1_ps(f ? f[r] * scale : scale);
+            for (int t = 0; t < vectors; t++)
+                _mm512_mask_storeu_ps(out + (long)r * ldo + 16 * t, t == vectors - 1 ? last : 0xFFFF,
+                                      _mm512_mul_ps(acc[r][t], s));
+        }
+}
+
+/* weighted_rows with the vector count a compile-time constant, so its accumulators are registers. */
+#define WEIGHTED_ROWS(vectors, ...)                                      \
+    do {                                                                 \
+        if ((vectors) == 1) weighted_rows(1, __VA_ARGS__);               \
+        else if ((vectors) == 2) weighted_rows(2, __VA_ARGS__);          \
+        else weighted_rows(3, __VA_ARGS__);                              \
+    } while (0)
+
+/* xt[d][j] = scale * x[j][d], keys padded with zeros to `width`. */
+static void pack_transposed(const float *x, long ldx, int n, int width, int depth, float scale, float *xt) {
+    for (int d = 0; d < depth; d++) {
+        float *row = xt + (long)d * width;
+        for (int j = 0; j < n; j++) row[j] = x[(long)j * ldx + d] * scale;
+        for (int j = n; j < width; j++) row[j] = 0.f;
+    }
+}
+
+typedef struct {
+    int n, width, depth, vectors;
+    __mmask16 last, tail; /* valid lanes of a row's last vector, of a score row's last vector */
+} Shape;
+
+static Shape shape_of(int n, int depth) {
+    Shape s = {n, (n + 15) & ~15, depth, (depth + 15) / 16, 0, 0};
+    s.last = (__mmask16)((1u << (depth - 16 * (s.vectors - 1))) - 1);
+    s.tail = (n & 15) ? (__mmask16)((1u << (n & 15)) - 1) : (__mmask16)0xFFFF;
+    return s;
+}
+
+/* One (group, head) pair. kt: depth x width scratch; s: ROWS x width scratch. */
+static void forward_pair(Shape sh, const float *q, const float *k, const float *v, long ld, float *o, long ldo,
+                         float *lse, float scale, float *kt, float *s) {
+    pack_transposed(k, ld, sh.n, sh.width, sh.depth, scale, kt);
+    for (int i0 = 0; i0 < sh.n; i0 += ROWS) {
+        int rows = sh.n - i0 < ROWS ? sh.n - i0 : ROWS;
+        float inv[ROWS];
+        rows_times_packed(q + (long)i0 * ld, ld, rows, kt, sh.width, sh.depth, s);
+        for (int r = 0; r < rows; r++) {
+            float *sr = s + (long)r * sh.width;
+            __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+            for (int j = 0; j < sh.width; j += 16)
+                m = _mm512_mask_max_ps(m, j + 16 > sh.n ? sh.tail : 0xFFFF, m, _mm512_loadu_ps(sr + j));
+            float mx = _mm512_reduce_max_ps(m);
+            for (int j = 0; j < sh.width; j += 16) {
+                __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), _mm512_set1_ps(mx)));
+                e = _mm512_maskz_mov_ps(j + 16 > sh.n ? sh.tail : 0xFFFF, e);
+                _mm512_storeu_ps(sr + j, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float total = _mm512_reduce_add_ps(sum);
+            inv[r] = 1.f / total;
+            if (lse) lse[i0 + r] = mx + logf(total);
+        }
+        WEIGHTED_ROWS(sh.vectors, s, sh.width, 1, sh.n, rows, v, ld, sh.last, o + (long)i0 * ldo, ldo, inv, 1.f);
+    }
+}
+
+/* One (group, head) pair. scratch: 2 * depth * width + 2 * n * width + n floats. */
+static void backward_pair(Shape sh, const float *q, const float *k, const float *v, long ld, const float *o,
+                          const float *dout, long ldo, const float *lse, float *dq, float *dk, float *dv,
+                          float scale, float *scratch) {
+    int n = sh.n, width = sh.width;
+    float *kt = scratch, *vt = kt + (long)sh.depth * width, *p = vt + (long)sh.depth * width;
+    float *ds = p + (long)n * width, *delta = ds + (long)n * width;
+    pack_transposed(k, ld, n, width, sh.depth, scale, kt);
+    pack_transposed(v, ld, n, width, sh.depth, 1.f, vt);
+    for (int i = 0; i < n; i++) { /* delta_i = dout_i . o_i = sum_j p_ij dp_ij */
+        float acc = 0.f;
+        for (int d = 0; d < sh.depth; d++) acc += dout[(long)i * ldo + d] * o[(long)i * ldo + d];
+        delta[i] = acc;
+    }
+    for (int i0 = 0; i0 < n; i0 += ROWS) {
+        int rows = n - i0 < ROWS ? n - i0 : ROWS;
+        float *pb = p + (long)i0 * width, *dsb = ds + (long)i0 * width;
+        rows_times_packed(q + (long)i0 * ld, ld, rows, kt, width, sh.depth, pb);       /* scores */
+        rows_times_packed(dout + (long)i0 * ldo, ldo, rows, vt, width, sh.depth, dsb); /* dp = dout v^T */
+        for (int r = 0; r < rows; r++) {
+            __m512 l = _mm512_set1_ps(lse[i0 + r]), dl = _mm512_set1_ps(delta[i0 + r]);
+            for (int j = 0; j < width; j += 16) {
+                __m512 pj = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(pb + (long)r * width + j), l));
+                pj = _mm512_maskz_mov_ps(j + 16 > n ? sh.tail : 0xFFFF, pj);
+                _mm512_storeu_ps(pb + (long)r * width + j, pj);
+                __m512 g = _mm512_sub_ps(_mm512_loadu_ps(dsb + (long)r * width + j), dl);
+                _mm512_storeu_ps(dsb + (long)r * width + j, _mm512_mul_ps(pj, g)); /* d(scores) */
+            }
+        }
+        WEIGHTED_ROWS(sh.vectors, dsb, width, 1, n, rows, k, ld, sh.last, dq + (long)i0 * ld, ld, 0, scale);
+    }
+    for (int j0 = 0; j0 < n; j0 += ROWS) { /* per key: transposed reads of p and d(scores) */
+        int rows = n - j0 < ROWS ? n - j0 : ROWS;
+        WEIGHTED_ROWS(sh.vectors, p + j0, 1, width, n, rows, dout, ldo, sh.last, dv + (long)j0 * ld, ld, 0, 1.f);
+        WEIGHTED_ROWS(sh.vectors, ds + j0, 1, width, n, rows, q, ld, sh.last, dk + (long)j0 * ld, ld, 0, scale);
+    }
+}
+
+typedef struct {
+    const float *qkv, *out, *dout, *lse_in;
+    float *result, *lse_out;
+    int groups, heads, n, depth, first, end, failed;
+    float scale;
+} Work;
+
+static void *forward_range(void *arg) {
+    Work *w = arg;
+    Shape sh = shape_of(w->n, w->depth);
+    long c = (long)w->heads * w->depth, ld = 3 * c;
+    float *kt = aligned_alloc(64, sizeof(float) * (size_t)(sh.depth + ROWS) * sh.width);
+    if (!kt) { w->failed = 1; return 0; }
+    for (int pair = w->first; pair < w->end; pair++) {
+        long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
+        const float *base = w->qkv + row * ld + col;
+        forward_pair(sh, base, base + c, base + 2 * c, ld, w->result + row * c + col, c,
+                     w->lse_out ? w->lse_out + (long)pair * w->n : 0, w->scale, kt,
+                     kt + (long)sh.depth * sh.width);
+    }
+    free(kt);
+    return 0;
+}
+
+static void *backward_range(void *arg) {
+    Work *w = arg;
+    Shape sh = shape_of(w->n, w->depth);
+    long c = (long)w->heads * w->depth, ld = 3 * c;
+    float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(2L * (sh.depth + sh.n) * sh.width + sh.width));
+    if (!scratch) { w->failed = 1; return 0; }
+    for (int pair = w->first; pair < w->end; pair++) {
+        long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
+        const float *base = w->qkv + row * ld + col;
+        float *grad = w->result + row * ld + col;
+        backward_pair(sh, base, base + c, base + 2 * c, ld, w->out + row * c + col, w->dout + row * c + col, c,
+                      w->lse_in + (long)pair * w->n, grad, grad + c, grad + 2 * c, w->scale, scratch);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* Split the (group, head) pairs over `threads` threads of the OpenMP pool that torch itself uses (the
+ * library links the libgomp torch has loaded), so no second set of threads competes for the cores
+ * while torch's workers wait for their next parallel region. 0 on success. */
+static int run(void *(*body)(void *), Work base, int threads) {
+    int pairs = base.groups * base.heads, failed = 0;
+    if (threads > pairs) threads = pairs;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        Work w = base;
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        w.first = (int)((long)pairs * t / count);
+        w.end = (int)((long)pairs * (t + 1) / count);
+        body(&w);
+        failed |= w.failed;
+    }
+    return failed;
+}
+
+int sret_attention_forward(const float *qkv, float *out, float *lse, int groups, int heads, int n, int depth,
+                           float scale, int threads) {
+    Work w = {qkv, 0, 0, 0, out, lse, groups, heads, n, depth, 0, 0, 0, scale};
+    return run(forward_range, w, threads);
+}
+
+int sret_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse,
+                            float *dqkv, int groups, int heads, int n, int depth, float scale, int threads) {
+    Work w = {qkv, out, dout, lse, dqkv, 0, groups, heads, n, depth, 0, 0, 0, scale};
+    return run(backward_range, w, threads);
+}

@@ -1,0 +1,160 @@
+"""SReT's own CPU attention kernel (`csrc/sliced_attention.c`), compiled on first use.
+
+SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads. There torch's
+fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
+pays full passes for the head split and merge copies. The C kernel attends one (group, head) pair at
+a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
+the layout of the next projection: measured on a 2-core AVX-512 CPU it took 0.5-0.75x the time of
+torch's path, forward and backward (`benchmarks/README.md`).
+
+It needs an x86 CPU with AVX-512 and a C compiler (`$CC`, else `cc` or `gcc`) the first time; the
+library is cached per source and flags in `$SRET_CACHE_DIR` (default `~/.cache/sret`). Without
+either, or with `SRET_NATIVE=0`, the model runs torch's kernels, with the same results to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "sliced_attention.c"
+FLAGS = (
+    "-O3",
+    "-mavx512f",
+    "-mavx512dq",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mfma",
+    "-shared",
+    "-fPIC",
+    "-fopenmp",
+)
+MAX_HEAD_DIM = 48  # three AVX-512 vectors per row: the kernel's register blocking
+MAX_TOKENS = 512  # per group; beyond, its per-pair score buffers outgrow the L2 cache
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sret"
+    return Path(os.environ.get("SRET_CACHE_DIR") or default)
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Build the shared library into `target` atomically (concurrent processes may race to it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot run here (reason logged at debug/warning level)."""
+    if os.environ.get("SRET_NATIVE", "1") == "0":
+        return None
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        _logger.debug("native attention off: the CPU has no AVX-512")
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _logger.warning("native attention off: no C compiler (set CC); using torch's attention kernels")
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"sliced_attention-{key}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _logger.warning("native attention off (%s); using torch's attention kernels", e)
+        return None
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.sret_attention_forward.argtypes = [p, p, p, i, i, i, i, f, i]
+    lib.sret_attention_backward.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
+    lib.sret_attention_forward.restype = lib.sret_attention_backward.restype = i
+    return lib
+
+
+def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
+    """Whether the kernel can attend this (contiguous fp32 CPU) qkv projection output."""
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype == torch.float32
+        and qkv.is_contiguous()
+        and head_dim <= MAX_HEAD_DIM
+        and tokens <= MAX_TOKENS
+        and library() is not None
+    )
+
+
+def _forward(
+    qkv: Tensor, groups: int, heads: int, scale: float, keep_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    batch, tokens, width = qkv.shape
+    n, dim = tokens // groups, width // 3
+    out = qkv.new_empty(batch, tokens, dim)
+    lse = qkv.new_empty(batch * groups * heads, n) if keep_lse else None
+    status = library().sret_attention_forward(
+        qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
+        batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("native attention could not allocate its scratch buffers")
+    return out, lse
+
+
+class _SlicedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, groups: int, heads: int, scale: float) -> Tensor:
+        out, lse = _forward(qkv, groups, heads, scale, keep_lse=True)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.layout = groups, heads, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        qkv, out, lse = ctx.saved_tensors
+        groups, heads, scale = ctx.layout
+        grad = grad.contiguous()
+        grad_qkv = torch.empty_like(qkv)
+        batch, tokens, width = qkv.shape
+        status = library().sret_attention_backward(
+            qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
+            batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("native attention could not allocate its scratch buffers")
+        return grad_qkv, None, None, None
+
+
+def sliced_attention(qkv: Tensor, groups: int, heads: int, scale: float) -> Tensor:
+    """Softmax attention within `groups` contiguous token groups.
+
+    qkv: (B, groups * n, 3 * C), the qkv projection's output (q, k, v, each `heads` heads of C / heads
+    channels); returns (B, groups * n, C), heads side by side, as the output projection takes them.
+    Check :func:`applies` first."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _SlicedAttention.apply(qkv, groups, heads, scale)
+    return _forward(qkv, groups, heads, scale, keep_lse=False)[0]

@@ -1,0 +1,137 @@
+"""SReT's C attention kernel: the results and gradients of torch's attention, and a clean fallback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sret import fused, native
+from sret.model import SReT, SReTConfig, StageConfig
+
+needs_kernel = pytest.mark.skipif(native.library() is None, reason="no AVX-512 CPU or no C compiler here")
+
+
+def reference(qkv: torch.Tensor, groups: int, heads: int, scale: float) -> torch.Tensor:
+    """Heads split out of the qkv projection, attended by torch's math kernel, merged back."""
+    B, N, width = qkv.shape
+    n, dim = N // groups, width // 3
+    q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, dim)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "batch, groups, tokens, heads, head_dim",
+    [
+        (2, 8, 98, 2, 32),  # sret_t's first stage, first loop
+        (2, 1, 392, 2, 32),
+        (3, 4, 49, 4, 32),
+        (2, 2, 50, 3, 42),  # sret_s's heads: a masked last vector
+        (1, 1, 37, 8, 48),  # the deep models' heads: three vectors, odd token count
+        (2, 2, 16, 2, 16),  # sret_nano
+        (2, 1, 1, 1, 32),  # a single token
+    ],
+)
+def test_kernel_matches_torch_attention_forward_and_backward(
+    batch: int, groups: int, tokens: int, heads: int, head_dim: int
+) -> None:
+    torch.manual_seed(0)
+    qkv = torch.randn(batch, groups * tokens, 3 * heads * head_dim, requires_grad=True)
+    scale = head_dim**-0.5
+    assert native.applies(qkv, tokens, head_dim)
+    grad = torch.randn(batch, groups * tokens, heads * head_dim)
+    ours = native.sliced_attention(qkv, groups, heads, scale)
+    ref = reference(qkv, groups, heads, scale)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    (ours_grad,) = torch.autograd.grad(ours, qkv, grad)
+    (ref_grad,) = torch.autograd.grad(ref, qkv, grad)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # inference keeps no log-sum-exp, same result
+        torch.testing.assert_close(native.sliced_attention(qkv, groups, heads, scale), ours, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_kernel_uses_every_thread_count_alike() -> None:
+    qkv = torch.randn(2, 4 * 49, 3 * 128)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.sliced_attention(qkv, 4, 4, 32**-0.5)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(native.sliced_attention(qkv, 4, 4, 32**-0.5), one, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_model_runs_the_kernel_and_matches_torch_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SReT with padded groups (masked: torch's kernel) and unpadded ones (the C kernel) gives, loss
+    and gradients, what it gives on torch's attention alone."""
+    cfg = SReTConfig(
+        (
+            StageConfig(64, 2, blocks=1, loops=2, groups=(4, 2), permute=(False, True)),
+            StageConfig(128, 4, blocks=1, loops=2, groups=(3, 1)),  # 16 tokens in 3 groups: padded
+        ),
+        img_size=64,
+        num_classes=10,
+        shuffle="fixed",
+        drop_path_rate=0.0,
+    )
+    torch.manual_seed(0)
+    model = SReT(cfg).train()
+    x = torch.randn(2, 3, 64, 64)
+    calls: list[int] = []
+    kernel = native.sliced_attention
+    monkeypatch.setattr(native, "sliced_attention", lambda *a: calls.append(1) or kernel(*a))
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(x).square().sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ours = loss_and_grads()
+    assert len(calls) == 3  # both loops of the first stage, the unpadded loop of the second
+    monkeypatch.setattr(native, "applies", lambda *a: False)
+    theirs = loss_and_grads()
+    assert len(calls) == 3
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unavailable_kernel_falls_back_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compiler that fails: a warning naming the cause, and torch's attention runs instead."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("SRET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1 without output
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sret.native"):
+            assert native.library() is None
+            qkv = torch.randn(2, 8, 3 * 64)
+            assert not native.applies(qkv, 8, 32)
+            out = fused.qkv_attention(qkv, 1, 2, None, 0.0, 32**-0.5)
+        assert [r.getMessage() for r in caplog.records if "native attention off" in r.getMessage()]
+        assert "failed" in caplog.text and list(tmp_path.iterdir()) == []  # no half-written library
+        torch.testing.assert_close(out, reference(qkv, 1, 2, 32**-0.5))
+        monkeypatch.setenv("SRET_NATIVE", "0")
+        native.library.cache_clear()
+        assert native.library() is None
+    finally:
+        native.library.cache_clear()
+
+
+def test_kernel_is_skipped_where_it_does_not_apply() -> None:
+    qkv = torch.randn(1, 8, 3 * 64)
+    assert not native.applies(qkv.double(), 8, 32)
+    assert not native.applies(torch.randn(1, 8, 6 * 64)[..., ::2], 8, 32)  # not contiguous
+    assert not native.applies(torch.randn(1, 8, 3 * 128), 8, 64)  # heads wider than 48
+    assert not native.applies(torch.randn(1, 1024, 3 * 64), native.MAX_TOKENS + 1, 32)
