@@ -125,6 +125,20 @@ def linear_backward(
     return grad_x, grad_weight, grad_bias
 
 
+def gelu_backward(
+    h: Tensor, grad: Tensor, need_hidden: bool, need_bias: bool
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """From the pre-activation `h` and the gradient of `gelu(h)`: `gelu(h)` if `need_hidden`, the
+    gradient of `h`, and its sums over all but the last dim if `need_bias` (a following linear layer's
+    input and its bias gradient). One pass in :mod:`sret.native` where it runs (overwriting `grad`),
+    three torch ops elsewhere."""
+    if native.gelu_backward_applies(h, grad):
+        return native.gelu_backward(h, grad, need_hidden, need_bias)
+    hidden = F.gelu(h) if need_hidden else None
+    grad_h = torch.ops.aten.gelu_backward(grad, h)
+    return hidden, grad_h, grad_h.reshape(-1, grad_h.shape[-1]).sum(0) if need_bias else None
+
+
 class OneDNNLinear(torch.autograd.Function):
     """`F.linear` whose products run in oneDNN in fp32 CPU training (see :func:`weight_grad`)."""
 

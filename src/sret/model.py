@@ -459,13 +459,12 @@ class HiddenRecomputed(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, h, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        hidden = F.gelu(h) if need_w2 else None
-        grad_hidden, grad_w2, grad_b2 = fused.linear_backward(
-            grad.contiguous(), hidden, w2, True, need_w2, need_b2
-        )
+        grad = grad.contiguous()
+        grad_hidden = fused.matmul_t(grad, w2.t())
+        hidden, grad_h, grad_b1 = fused.gelu_backward(h, grad_hidden, need_w2, need_b1)
+        _, grad_w2, grad_b2 = fused.linear_backward(grad, hidden, w2, False, need_w2, need_b2)
         del hidden
-        grad_h = torch.ops.aten.gelu_backward(grad_hidden, h)
-        grad_x, grad_w1, grad_b1 = fused.linear_backward(grad_h, x, w1, need_x, need_w1, need_b1)
+        grad_x, grad_w1, _ = fused.linear_backward(grad_h, x, w1, need_x, need_w1, False)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 

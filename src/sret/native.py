@@ -1,13 +1,16 @@
-"""SReT's own CPU attention kernel (`csrc/sliced_attention.c`), compiled on first use.
+"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention and an MLP's GELU backward.
 
 SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads. There torch's
 fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
 pays full passes for the head split and merge copies. The C kernel attends one (group, head) pair at
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
-the layout of the next projection: measured on a 2-core AVX-512 CPU it took 0.5-0.75x the time of
-torch's path, forward and backward (`benchmarks/README.md`).
+the layout of the next projection: measured on a 2-core AVX-512 CPU it took 0.3-0.5x the time of
+torch's path at the zoo's shapes, forward and backward (`benchmarks/README.md`).
 
-It needs an x86 CPU with AVX-512 and a C compiler (`$CC`, else `cc` or `gcc`) the first time; the
+The MLP's backward (:class:`sret.model.HiddenRecomputed`) needs the GELU recomputed, the gradient
+through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three.
+
+Both need an x86 CPU with AVX-512 and, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
 library is cached per source and flags in `$SRET_CACHE_DIR` (default `~/.cache/sret`). Without
 either, or with `SRET_NATIVE=0`, the model runs torch's kernels, with the same results to float
 rounding.
@@ -31,7 +34,8 @@ from torch.autograd.function import once_differentiable
 
 _logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "sliced_attention.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c"))
+HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
 FLAGS = (
     "-O3",
     "-mavx512f",
@@ -44,7 +48,7 @@ FLAGS = (
     "-fopenmp",
 )
 MAX_HEAD_DIM = 48  # three AVX-512 vectors per row: the kernel's register blocking
-MAX_TOKENS = 512  # per group; beyond, its per-pair score buffers outgrow the L2 cache
+MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
 
 
 def cache_dir() -> Path:
@@ -58,7 +62,7 @@ def _compile(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
@@ -80,8 +84,9 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         _logger.warning("native attention off: no C compiler (set CC); using torch's attention kernels")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"sliced_attention-{key}.so"
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(code + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
@@ -92,20 +97,19 @@ def library() -> ctypes.CDLL | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.sret_attention_forward.argtypes = [p, p, p, i, i, i, i, f, i]
     lib.sret_attention_backward.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
-    lib.sret_attention_forward.restype = lib.sret_attention_backward.restype = i
+    lib.sret_gelu_backward.argtypes = [p, p, p, p, ctypes.c_long, i, i]
+    for fn in (lib.sret_attention_forward, lib.sret_attention_backward, lib.sret_gelu_backward):
+        fn.restype = i
     return lib
+
+
+def _runs_on(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
     """Whether the kernel can attend this (contiguous fp32 CPU) qkv projection output."""
-    return (
-        qkv.device.type == "cpu"
-        and qkv.dtype == torch.float32
-        and qkv.is_contiguous()
-        and head_dim <= MAX_HEAD_DIM
-        and tokens <= MAX_TOKENS
-        and library() is not None
-    )
+    return _runs_on(qkv) and head_dim <= MAX_HEAD_DIM and tokens <= MAX_TOKENS and library() is not None
 
 
 def _forward(
@@ -122,6 +126,28 @@ def _forward(
     if status:
         raise MemoryError("native attention could not allocate its scratch buffers")
     return out, lse
+
+
+def gelu_backward_applies(h: Tensor, grad: Tensor) -> bool:
+    """Whether :func:`gelu_backward` runs on these (contiguous fp32 CPU, same-shape) tensors."""
+    return h.shape == grad.shape and _runs_on(h, grad) and library() is not None
+
+
+def gelu_backward(
+    h: Tensor, grad: Tensor, need_hidden: bool, need_bias: bool
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """`gelu(h)` (if `need_hidden`), `grad * gelu'(h)` and, if `need_bias`, its sums over all but the
+    last dim, in one pass. The gradient is computed in place: `grad` is overwritten and returned."""
+    hidden = torch.empty_like(h) if need_hidden else None
+    bias = h.new_empty(h.shape[-1]) if need_bias else None
+    status = library().sret_gelu_backward(
+        h.data_ptr(), grad.data_ptr(), hidden.data_ptr() if need_hidden else None,
+        bias.data_ptr() if need_bias else None, h.numel() // h.shape[-1], h.shape[-1],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("native GELU backward could not allocate its buffers")
+    return hidden, grad, bias
 
 
 class _SlicedAttention(torch.autograd.Function):

@@ -14,31 +14,14 @@
  * query's scaled scores, which the backward uses to recompute the probabilities instead of storing
  * them. Head widths up to 48 (three vectors).
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
+#include "vector_math.h"
+
 #define ROWS 8 /* queries (or keys) per register block */
 #define MAX_VECTORS 3
-
-/* exp(x) for finite x <= 0 (scores minus their maximum): 2^k * e^r, r in [-ln2/2, ln2/2], with a
- * degree-7 polynomial for e^r; within 2 ulp of expf over the range used. */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, k);
-}
 
 /* out[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < width (a multiple of 16). */
 static inline __attribute__((always_inline)) void

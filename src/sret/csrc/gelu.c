@@ -1,0 +1,93 @@
+/*
+ * The backward of an MLP's exact (erf) GELU in one pass, fp32, AVX-512. Loaded by sret/native.py.
+ *
+ * Why: a training step that keeps only the pre-activation h (sret.model.HiddenRecomputed) needs,
+ * from h and the gradient g of gelu(h), three things: gelu(h) again (for the next layer's weight
+ * gradient), g * gelu'(h), and the column sums of the latter (the bias gradient). torch computes them
+ * in three passes over these hidden-sized tensors, evaluating erf twice; here one pass evaluates erf
+ * and exp once per element: gelu'(x) = cdf(x) + x * pdf(x), and the pdf's exp(-x^2/2) is the one
+ * that erf's approximation needs anyway.
+ *
+ * erf follows Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as torch's vectorised CPU
+ * erf does.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vector_math.h"
+
+#define BLOCK_ROWS 64 /* rows summed in float before the sum moves to a double accumulator */
+
+/* hidden = gelu(x) (skipped when NULL); grad *= gelu'(x), in place. */
+static inline __m512 gelu_backward_ps(__m512 x, __m512 grad, float *hidden, __mmask16 valid) {
+    const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
+    __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+    __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
+    __m512 t = _mm512_rcp14_ps(den);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.f))); /* one Newton step */
+    __m512 poly = _mm512_set1_ps(1.061405429f);
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    __m512 gauss = exp_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f))); /* e^(-x^2/2) */
+    __m512 erf_abs = _mm512_fnmadd_ps(poly, gauss, one);
+    __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(        /* sign of x onto erf(|x|/sqrt 2) */
+        _mm512_castps_si512(erf_abs),
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
+    __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, erf));
+    if (hidden) _mm512_mask_storeu_ps(hidden, valid, _mm512_mul_ps(x, cdf));
+    __m512 pdf = _mm512_mul_ps(gauss, _mm512_set1_ps(0.39894228040143268f)); /* 1/sqrt(2 pi) */
+    return _mm512_mul_ps(grad, _mm512_fmadd_ps(x, pdf, cdf));
+}
+
+/* x, grad, hidden: rows x cols, contiguous. bias_grad (cols, may be NULL): column sums of the result. */
+int sret_gelu_backward(const float *x, float *grad, float *hidden, float *bias_grad, long rows, int cols,
+                       int threads) {
+    int failed = 0;
+    double *totals = 0;
+    if (threads < 1) threads = 1;
+    if (bias_grad) {
+        totals = calloc((size_t)threads * cols, sizeof(double));
+        if (!totals) return 1;
+    }
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        long first = rows * t / count, end = rows * (t + 1) / count;
+        float *block = 0;
+        if (bias_grad && !(block = calloc((size_t)cols + 16, sizeof(float)))) failed = 1;
+        double *total = totals ? totals + (long)t * cols : 0;
+        for (long r0 = first; r0 < end && !failed; r0 += BLOCK_ROWS) {
+            long r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
+            for (long r = r0; r < r1; r++) {
+                long at = r * cols;
+                for (int c = 0; c < cols; c += 16) {
+                    __mmask16 valid = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+                    __m512 g = gelu_backward_ps(_mm512_maskz_loadu_ps(valid, x + at + c),
+                                                _mm512_maskz_loadu_ps(valid, grad + at + c),
+                                                hidden ? hidden + at + c : 0, valid);
+                    _mm512_mask_storeu_ps(grad + at + c, valid, g);
+                    if (block) _mm512_storeu_ps(block + c, _mm512_add_ps(_mm512_loadu_ps(block + c), g));
+                }
+            }
+            if (block)
+                for (int c = 0; c < cols; c++) {
+                    total[c] += block[c];
+                    block[c] = 0.f;
+                }
+        }
+        free(block);
+    }
+    if (bias_grad && !failed)
+        for (int c = 0; c < cols; c++) {
+            double sum = 0.;
+            for (int t = 0; t < threads; t++) sum += totals[(long)t * cols + c];
+            bias_grad[c] = (float)sum;
+        }
+    free(totals);
+    return failed;
+}
