@@ -33,7 +33,7 @@ static inline __m512 gelu_backward_ps(__m512 x, __m512 grad, float *hidden, __mm
     poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
     poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
     poly = _mm512_mul_ps(poly, t);
-    __m512 gauss = exp_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f))); /* e^(-x^2/2) */
+    __m512 gauss = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f * LOG2E))); /* e^(-x^2/2) */
     __m512 erf_abs = _mm512_fnmadd_ps(poly, gauss, one);
     __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(        /* sign of x onto erf(|x|/sqrt 2) */
         _mm512_castps_si512(erf_abs),

@@ -10,9 +10,10 @@
  * written straight into the layouts the projections use (no head split or merge copies).
  *
  * Layout: qkv holds rows of 3*H*D floats (q, k, v of all heads of one token), BG*n rows (BG groups
- * of n tokens); out holds rows of H*D. lse holds, per (group, head) pair, the log-sum-exp of each
- * query's scaled scores, which the backward uses to recompute the probabilities instead of storing
- * them. Head widths up to 48 (three vectors).
+ * of n tokens); out holds rows of H*D. Scores are computed in base 2 (the keys are packed scaled by
+ * scale * log2(e)), so the softmax takes 2^x. lse holds, per (group, head) pair, each query's
+ * base-2 log-sum-exp of those scores, which the backward uses to recompute the probabilities instead
+ * of storing them. Head widths up to 48 (three vectors).
  */
 #include <math.h>
 #include <omp.h>
@@ -98,7 +99,7 @@ static Shape shape_of(int n, int depth) {
 /* One (group, head) pair. kt: depth x width scratch; s: ROWS x width scratch. */
 static void forward_pair(Shape sh, const float *q, const float *k, const float *v, long ld, float *o, long ldo,
                          float *lse, float scale, float *kt, float *s) {
-    pack_transposed(k, ld, sh.n, sh.width, sh.depth, scale, kt);
+    pack_transposed(k, ld, sh.n, sh.width, sh.depth, scale * LOG2E, kt);
     for (int i0 = 0; i0 < sh.n; i0 += ROWS) {
         int rows = sh.n - i0 < ROWS ? sh.n - i0 : ROWS;
         float inv[ROWS];
@@ -110,14 +111,14 @@ static void forward_pair(Shape sh, const float *q, const float *k, const float *
                 m = _mm512_mask_max_ps(m, j + 16 > sh.n ? sh.tail : 0xFFFF, m, _mm512_loadu_ps(sr + j));
             float mx = _mm512_reduce_max_ps(m);
             for (int j = 0; j < sh.width; j += 16) {
-                __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), _mm512_set1_ps(mx)));
+                __m512 e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), _mm512_set1_ps(mx)));
                 e = _mm512_maskz_mov_ps(j + 16 > sh.n ? sh.tail : 0xFFFF, e);
                 _mm512_storeu_ps(sr + j, e);
                 sum = _mm512_add_ps(sum, e);
             }
             float total = _mm512_reduce_add_ps(sum);
             inv[r] = 1.f / total;
-            if (lse) lse[i0 + r] = mx + logf(total);
+            if (lse) lse[i0 + r] = mx + log2f(total);
         }
         WEIGHTED_ROWS(sh.vectors, s, sh.width, 1, sh.n, rows, v, ld, sh.last, o + (long)i0 * ldo, ldo, inv, 1.f);
     }
@@ -130,7 +131,7 @@ static void backward_pair(Shape sh, const float *q, const float *k, const float 
     int n = sh.n, width = sh.width;
     float *kt = scratch, *vt = kt + (long)sh.depth * width, *p = vt + (long)sh.depth * width;
     float *ds = p + (long)n * width, *delta = ds + (long)n * width;
-    pack_transposed(k, ld, n, width, sh.depth, scale, kt);
+    pack_transposed(k, ld, n, width, sh.depth, scale * LOG2E, kt);
     pack_transposed(v, ld, n, width, sh.depth, 1.f, vt);
     for (int i = 0; i < n; i++) { /* delta_i = dout_i . o_i = sum_j p_ij dp_ij */
         float acc = 0.f;
@@ -145,7 +146,7 @@ static void backward_pair(Shape sh, const float *q, const float *k, const float 
         for (int r = 0; r < rows; r++) {
             __m512 l = _mm512_set1_ps(lse[i0 + r]), dl = _mm512_set1_ps(delta[i0 + r]);
             for (int j = 0; j < width; j += 16) {
-                __m512 pj = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(pb + (long)r * width + j), l));
+                __m512 pj = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(pb + (long)r * width + j), l));
                 pj = _mm512_maskz_mov_ps(j + 16 > n ? sh.tail : 0xFFFF, pj);
                 _mm512_storeu_ps(pb + (long)r * width + j, pj);
                 __m512 g = _mm512_sub_ps(_mm512_loadu_ps(dsb + (long)r * width + j), dl);
