@@ -1,4 +1,4 @@
-"""SReT's C attention kernel: the results and gradients of torch's attention, and a clean fallback."""
+"""SReT's C kernels: the results and gradients of torch's attention and GELU, and a clean fallback."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_unavailable_kernel_falls_back_with_one_warning(
             qkv = torch.randn(2, 8, 3 * 64)
             assert not native.applies(qkv, 8, 32)
             out = fused.qkv_attention(qkv, 1, 2, None, 0.0, 32**-0.5)
-        assert [r.getMessage() for r in caplog.records if "native attention off" in r.getMessage()]
+        assert [r.getMessage() for r in caplog.records if "native kernels off" in r.getMessage()]
         assert "failed" in caplog.text and list(tmp_path.iterdir()) == []  # no half-written library
         torch.testing.assert_close(out, reference(qkv, 1, 2, 32**-0.5))
         monkeypatch.setenv("SRET_NATIVE", "0")
@@ -129,9 +129,31 @@ def test_unavailable_kernel_falls_back_with_one_warning(
         native.library.cache_clear()
 
 
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 5, 232), (3, 7, 37), (1, 1, 8)])
+def test_gelu_backward_matches_torch(shape: tuple[int, ...]) -> None:
+    """One pass gives GELU, its gradient and the bias gradient of torch's three ops, tails and large
+    |x| included."""
+    torch.manual_seed(0)
+    h = torch.randn(shape) * 4
+    grad = torch.randn(shape)
+    assert native.gelu_backward_applies(h, grad)
+    hidden, grad_h, bias = native.gelu_backward(h, grad.clone(), True, True)
+    ref_grad = torch.ops.aten.gelu_backward(grad, h)
+    torch.testing.assert_close(hidden, F.gelu(h), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_h, ref_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias, ref_grad.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+    buffer = grad.clone()
+    none, in_place, no_bias = native.gelu_backward(h, buffer, False, False)
+    assert none is None and no_bias is None and in_place is buffer
+    torch.testing.assert_close(in_place, grad_h, rtol=0, atol=0)
+
+
 def test_kernel_is_skipped_where_it_does_not_apply() -> None:
     qkv = torch.randn(1, 8, 3 * 64)
     assert not native.applies(qkv.double(), 8, 32)
     assert not native.applies(torch.randn(1, 8, 6 * 64)[..., ::2], 8, 32)  # not contiguous
     assert not native.applies(torch.randn(1, 8, 3 * 128), 8, 64)  # heads wider than 48
     assert not native.applies(torch.randn(1, 1024, 3 * 64), native.MAX_TOKENS + 1, 32)
+    assert not native.gelu_backward_applies(qkv, qkv[:, :4])  # shapes differ
+    assert not native.gelu_backward_applies(qkv.double(), qkv.double())

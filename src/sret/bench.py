@@ -640,8 +640,8 @@ def fused_kernels_apply(cfg: BenchConfig) -> bool:
 
 
 def native_attention_applies(cfg: BenchConfig) -> bool:
-    """Whether SReT attends in its own C kernel (:mod:`sret.native`) in this configuration: eager fp32
-    CPU steps, where the kernel is available."""
+    """Whether SReT attends (and, training, back-propagates its GELUs) in its own C kernels
+    (:mod:`sret.native`) in this configuration: eager fp32 CPU steps, where they are available."""
     if cfg.compile or cfg.amp is not None or torch.device(cfg.device).type != "cpu":
         return False
     return native.library() is not None
@@ -821,7 +821,8 @@ def print_report(result: dict[str, Any]) -> None:
         )
         ran.append(f"{what} (sret.fused)")
     if result.get("sret_native_attention"):
-        ran.append("its attention in its own C kernel (sret.native)")
+        own = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
+        ran.append(f"{own} in its own C kernels (sret.native)")
     if ran:
         notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:

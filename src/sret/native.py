@@ -78,11 +78,11 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("SRET_NATIVE", "1") == "0":
         return None
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        _logger.debug("native attention off: the CPU has no AVX-512")
+        _logger.debug("native kernels off: the CPU has no AVX-512")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _logger.warning("native attention off: no C compiler (set CC); using torch's attention kernels")
+        _logger.warning("native kernels off: no C compiler (set CC); using torch's kernels")
         return None
     code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(code + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
@@ -92,7 +92,9 @@ def library() -> ctypes.CDLL | None:
             _compile(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _logger.warning("native attention off (%s); using torch's attention kernels", e)
+        _logger.warning(
+            "native kernels off (%s); using torch's kernels (SRET_CACHE_DIR sets where they are built)", e
+        )
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.sret_attention_forward.argtypes = [p, p, p, i, i, i, i, f, i]
