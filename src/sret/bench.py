@@ -821,8 +821,10 @@ def print_report(result: dict[str, Any]) -> None:
         )
         ran.append(f"{what} (sret.fused)")
     if result.get("sret_native_attention"):
-        own = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
-        ran.append(f"{own} in its own C kernels (sret.native)")
+        if cfg["train"]:
+            ran.append("its attention and its MLPs' GELU backward in its own C kernels (sret.native)")
+        else:
+            ran.append("its attention in its own C kernel (sret.native)")
     if ran:
         notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:
