@@ -355,7 +355,8 @@ def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:
 class SlicedAttention(nn.Module):
     """Multi-head self-attention restricted to groups of tokens.
 
-    Groups are folded into the batch so one scaled_dot_product_attention call covers all of them.
+    One call attends all groups: SReT's own CPU kernel where it runs (:mod:`sret.native`), else
+    scaled_dot_product_attention with the groups folded into the batch (:func:`sret.fused.qkv_attention`).
     With one group and no permutation this is plain ViT attention.
     """
 
