@@ -52,6 +52,7 @@ MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per t
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are kept: `$SRET_CACHE_DIR`, else `sret` under the user's cache dir."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sret"
     return Path(os.environ.get("SRET_CACHE_DIR") or default)
 
@@ -74,7 +75,8 @@ def _compile(compiler: str, target: Path) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot run here (reason logged at debug/warning level)."""
+    """The compiled kernels, or None where they cannot run here (why: logged, at debug level for a CPU
+    without AVX-512, else as a warning)."""
     if os.environ.get("SRET_NATIVE", "1") == "0":
         return None
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
