@@ -169,12 +169,14 @@ typedef struct {
     float scale;
 } Work;
 
-static void *forward_range(void *arg) {
-    Work *w = arg;
+static void forward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
     long c = (long)w->heads * w->depth, ld = 3 * c;
     float *kt = aligned_alloc(64, sizeof(float) * (size_t)(sh.depth + ROWS) * sh.width);
-    if (!kt) { w->failed = 1; return 0; }
+    if (!kt) {
+        w->failed = 1;
+        return;
+    }
     for (int pair = w->first; pair < w->end; pair++) {
         long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
         const float *base = w->qkv + row * ld + col;
@@ -183,15 +185,16 @@ static void *forward_range(void *arg) {
                      kt + (long)sh.depth * sh.width);
     }
     free(kt);
-    return 0;
 }
 
-static void *backward_range(void *arg) {
-    Work *w = arg;
+static void backward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
     long c = (long)w->heads * w->depth, ld = 3 * c;
     float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(2L * (sh.depth + sh.n) * sh.width + sh.width));
-    if (!scratch) { w->failed = 1; return 0; }
+    if (!scratch) {
+        w->failed = 1;
+        return;
+    }
     for (int pair = w->first; pair < w->end; pair++) {
         long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
         const float *base = w->qkv + row * ld + col;
@@ -200,13 +203,12 @@ static void *backward_range(void *arg) {
                       w->lse_in + (long)pair * w->n, grad, grad + c, grad + 2 * c, w->scale, scratch);
     }
     free(scratch);
-    return 0;
 }
 
 /* Split the (group, head) pairs over `threads` threads of the OpenMP pool that torch itself uses (the
  * library links the libgomp torch has loaded), so no second set of threads competes for the cores
  * while torch's workers wait for their next parallel region. 0 on success. */
-static int run(void *(*body)(void *), Work base, int threads) {
+static int run(void (*body)(Work *), Work base, int threads) {
     int pairs = base.groups * base.heads, failed = 0;
     if (threads > pairs) threads = pairs;
     if (threads < 1) threads = 1;
