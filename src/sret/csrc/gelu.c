@@ -33,11 +33,12 @@ static inline __m512 gelu_backward_ps(__m512 x, __m512 grad, float *hidden, __mm
     poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
     poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
     poly = _mm512_mul_ps(poly, t);
-    __m512 gauss = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f * LOG2E))); /* e^(-x^2/2) */
+    /* e^(-x^2/2), shared by erf's approximation and the Gaussian density */
+    __m512 gauss = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f * LOG2E)));
     __m512 erf_abs = _mm512_fnmadd_ps(poly, gauss, one);
-    __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(        /* sign of x onto erf(|x|/sqrt 2) */
-        _mm512_castps_si512(erf_abs),
-        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
+    /* erf(x / sqrt 2): the sign of x onto erf(|x| / sqrt 2) */
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
     __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, erf));
     if (hidden) _mm512_mask_storeu_ps(hidden, valid, _mm512_mul_ps(x, cdf));
     __m512 pdf = _mm512_mul_ps(gauss, _mm512_set1_ps(0.39894228040143268f)); /* 1/sqrt(2 pi) */

@@ -25,8 +25,9 @@
 #define MAX_VECTORS 3
 
 /* out[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < width (a multiple of 16). */
-static inline __attribute__((always_inline)) void
-rows_times_packed(const float *a, long lda, int rows, const float *bt, int width, int depth, float *out) {
+static inline __attribute__((always_inline)) void rows_times_packed(const float *a, long lda, int rows,
+                                                                    const float *bt, int width, int depth,
+                                                                    float *out) {
     for (int j0 = 0; j0 < width; j0 += 16) {
         __m512 acc[ROWS];
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
@@ -42,9 +43,10 @@ rows_times_packed(const float *a, long lda, int rows, const float *bt, int width
 
 /* out[r] = scale * f[r] * sum_j w(r, j) * v[j] for r < rows, where w(r, j) = w[r * w_row + j * w_col]
  * and the rows of v and out are `vectors` vectors wide, the last one masked by `last`. */
-static inline __attribute__((always_inline)) void
-weighted_rows(int vectors, const float *w, long w_row, long w_col, int m, int rows, const float *v, long ldv,
-              __mmask16 last, float *out, long ldo, const float *f, float scale) {
+static inline __attribute__((always_inline)) void weighted_rows(int vectors, const float *w, long w_row,
+                                                                long w_col, int m, int rows, const float *v,
+                                                                long ldv, __mmask16 last, float *out,
+                                                                long ldo, const float *f, float scale) {
     __m512 acc[ROWS][MAX_VECTORS];
     for (int r = 0; r < ROWS; r++)
         for (int t = 0; t < vectors; t++) acc[r][t] = _mm512_setzero_ps();
@@ -68,11 +70,14 @@ weighted_rows(int vectors, const float *w, long w_row, long w_col, int m, int ro
 }
 
 /* weighted_rows with the vector count a compile-time constant, so its accumulators are registers. */
-#define WEIGHTED_ROWS(vectors, ...)                                      \
-    do {                                                                 \
-        if ((vectors) == 1) weighted_rows(1, __VA_ARGS__);               \
-        else if ((vectors) == 2) weighted_rows(2, __VA_ARGS__);          \
-        else weighted_rows(3, __VA_ARGS__);                              \
+#define WEIGHTED_ROWS(vectors, ...)        \
+    do {                                   \
+        if ((vectors) == 1)                \
+            weighted_rows(1, __VA_ARGS__); \
+        else if ((vectors) == 2)           \
+            weighted_rows(2, __VA_ARGS__); \
+        else                               \
+            weighted_rows(3, __VA_ARGS__); \
     } while (0)
 
 /* xt[d][j] = scale * x[j][d], keys padded with zeros to `width`. */
@@ -97,8 +102,8 @@ static Shape shape_of(int n, int depth) {
 }
 
 /* One (group, head) pair. kt: depth x width scratch; s: ROWS x width scratch. */
-static void forward_pair(Shape sh, const float *q, const float *k, const float *v, long ld, float *o, long ldo,
-                         float *lse, float scale, float *kt, float *s) {
+static void forward_pair(Shape sh, const float *q, const float *k, const float *v, long ld, float *o,
+                         long ldo, float *lse, float scale, float *kt, float *s) {
     pack_transposed(k, ld, sh.n, sh.width, sh.depth, scale * LOG2E, kt);
     for (int i0 = 0; i0 < sh.n; i0 += ROWS) {
         int rows = sh.n - i0 < ROWS ? sh.n - i0 : ROWS;
@@ -120,7 +125,8 @@ static void forward_pair(Shape sh, const float *q, const float *k, const float *
             inv[r] = 1.f / total;
             if (lse) lse[i0 + r] = mx + log2f(total);
         }
-        WEIGHTED_ROWS(sh.vectors, s, sh.width, 1, sh.n, rows, v, ld, sh.last, o + (long)i0 * ldo, ldo, inv, 1.f);
+        WEIGHTED_ROWS(sh.vectors, s, sh.width, 1, sh.n, rows, v, ld, sh.last, o + (long)i0 * ldo, ldo, inv,
+                      1.f);
     }
 }
 
@@ -157,8 +163,10 @@ static void backward_pair(Shape sh, const float *q, const float *k, const float 
     }
     for (int j0 = 0; j0 < n; j0 += ROWS) { /* per key: transposed reads of p and d(scores) */
         int rows = n - j0 < ROWS ? n - j0 : ROWS;
-        WEIGHTED_ROWS(sh.vectors, p + j0, 1, width, n, rows, dout, ldo, sh.last, dv + (long)j0 * ld, ld, 0, 1.f);
-        WEIGHTED_ROWS(sh.vectors, ds + j0, 1, width, n, rows, q, ld, sh.last, dk + (long)j0 * ld, ld, 0, scale);
+        WEIGHTED_ROWS(sh.vectors, p + j0, 1, width, n, rows, dout, ldo, sh.last, dv + (long)j0 * ld, ld, 0,
+                      1.f);
+        WEIGHTED_ROWS(sh.vectors, ds + j0, 1, width, n, rows, q, ld, sh.last, dk + (long)j0 * ld, ld, 0,
+                      scale);
     }
 }
 
@@ -190,7 +198,8 @@ static void forward_range(Work *w) {
 static void backward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
     long c = (long)w->heads * w->depth, ld = 3 * c;
-    float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(2L * (sh.depth + sh.n) * sh.width + sh.width));
+    float *scratch =
+        aligned_alloc(64, sizeof(float) * (size_t)(2L * (sh.depth + sh.n) * sh.width + sh.width));
     if (!scratch) {
         w->failed = 1;
         return;
@@ -199,8 +208,8 @@ static void backward_range(Work *w) {
         long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
         const float *base = w->qkv + row * ld + col;
         float *grad = w->result + row * ld + col;
-        backward_pair(sh, base, base + c, base + 2 * c, ld, w->out + row * c + col, w->dout + row * c + col, c,
-                      w->lse_in + (long)pair * w->n, grad, grad + c, grad + 2 * c, w->scale, scratch);
+        backward_pair(sh, base, base + c, base + 2 * c, ld, w->out + row * c + col, w->dout + row * c + col,
+                      c, w->lse_in + (long)pair * w->n, grad, grad + c, grad + 2 * c, w->scale, scratch);
     }
     free(scratch);
 }
