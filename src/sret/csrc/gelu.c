@@ -11,16 +11,14 @@
  * erf follows Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as torch's vectorised CPU
  * erf does.
  */
-#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "vector_math.h"
 
 #define BLOCK_ROWS 64 /* rows summed in float before the sum moves to a double accumulator */
 
-/* hidden = gelu(x) (skipped when NULL); grad *= gelu'(x), in place. */
+/* grad * gelu'(x); also stores gelu(x) to `hidden` (its `valid` lanes) unless it is NULL. */
 static inline __m512 gelu_backward_ps(__m512 x, __m512 grad, float *hidden, __mmask16 valid) {
     const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
     __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
