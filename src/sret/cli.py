@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 
 app = typer.Typer(
@@ -132,10 +134,12 @@ def bench_cmd(
 def _user_error(e: BaseException, code: int = 1) -> typer.Exit:
     """Print one `error:` line for a problem the user can fix; the caller raises the returned Exit.
 
-    Errors re-raised from data-loader workers carry the worker traceback; the last line is the cause.
+    Errors re-raised from data-loader workers carry the worker traceback; its last line is the cause,
+    less the exception's class name.
     """
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    typer.echo(f"error: {lines[-1] if lines else type(e).__name__}", err=True)
+    last = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else type(e).__name__
+    typer.echo(f"error: {last}", err=True)
     return typer.Exit(code)
 
 
@@ -225,6 +229,42 @@ def train_cmd(
         raise _user_error(e) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None  # train() has said where to resume
+
+
+@app.command("ablate")
+def ablate_cmd(
+    grid: str = typer.Argument("cifar10", help="Shipped grid name (see src/sret/grids) or a YAML file."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder holding the data set."),
+    seeds: int | None = typer.Option(None, "--seeds", min=1, help="Seeds per variant (default: the grid's)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Cells trained at a time (cores split)."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="Threads per cell (default: cores/jobs)."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", help="Grid folder (default: ablations/GRID); rerun to resume."
+    ),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a training option of every cell."),
+) -> None:
+    """Train a grid of model variants x seeds with one recipe; tabulate mean ± std and plot them.
+
+    Rerun with the same --out to continue: finished cells are kept, an interrupted one resumes.
+    """
+    from pathlib import Path
+
+    from sret.ablate import load_grid, run_grid
+    from sret.data import UserError
+    from sret.train import parse_sets
+
+    try:
+        spec = load_grid(grid, seeds, data_dir, parse_sets(set_ or []))
+        folder = Path(out) if out else Path("ablations") / Path(spec.path).stem
+        run_grid(spec, folder, jobs, threads, log=lambda msg: typer.echo(msg, err=True))
+    except (UserError, ValueError, OSError) as e:
+        raise _user_error(e) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    typer.echo(f"wrote {folder / 'summary.md'}, summary.csv, summary.json, cells.csv and ablation.png")
+    typer.echo((folder / "summary.md").read_text())
 
 
 @app.command("distill-logits")

@@ -9,16 +9,18 @@ clear error.
 from __future__ import annotations
 
 import multiprocessing
+import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
@@ -30,6 +32,10 @@ class UserError(Exception):
 
 class BadImageError(UserError):
     """An image file that cannot be decoded."""
+
+
+class DataPipelineError(UserError):
+    """A transform failed on an image; the message names both."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class Augment:
     def train_transform(self, pre: Preprocess) -> Callable:
         if not self.enabled:
             return pre.eval_transform()
-        return create_transform(
+        transform = create_transform(
             (3, pre.img_size, pre.img_size),
             is_training=True,
             scale=self.scale,
@@ -83,6 +89,37 @@ class Augment:
             mean=pre.mean,
             std=pre.std,
         )
+        for op in augment_ops(transform):
+            if op.name in POSTERIZE_OPS:
+                op.aug_fn = posterize
+        return transform
+
+
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op with the same meaning on every Pillow: keep the top `bits_to_keep` bits.
+
+    DeiT's RandAugment policy (`...-inc1`) asks for 0 bits at full magnitude, meaning a black image.
+    Pillow up to 12 computes exactly that; Pillow 13 refuses 0 bits with a ValueError, which stopped
+    training runs a few hundred images in. Here 0 bits gives the black image of Pillow 12 (every
+    channel value masked to 0); 1 to 7 bits are Pillow's own posterize.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def augment_ops(transform: Any) -> Iterator[AugmentOp]:
+    """The timm AugmentOps inside a (composed) transform: RandAugment, AutoAugment and AugMix ops."""
+    for step in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(step, "ops", []))
+        for sub_policy in getattr(step, "policy", []):  # AutoAugment: a list of op lists
+            ops.extend(sub_policy)
+        yield from (op for op in ops if isinstance(op, AugmentOp))
 
 
 @dataclass
@@ -159,6 +196,50 @@ class SkippingImageFolder(Dataset):
                 continue
             return image, IGNORE_LABEL if offset and self.validation else label
         raise UserError(f"no readable image in {self.folder.root}")
+
+
+class NamedFailures(Dataset):
+    """A data set whose transform errors name the image and the transform that failed.
+
+    Without it, an exception deep inside an augmentation (in a loader worker) reaches the user as one
+    line with neither; this re-raises it as a DataPipelineError, which the CLI prints as one line and
+    which stops a run with its last checkpoint intact. Unreadable files keep their own errors.
+    """
+
+    def __init__(self, dataset: Dataset, split: str) -> None:
+        self.dataset, self.split = dataset, split
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except (UserError, SkippedImage):
+            raise
+        except Exception as e:
+            raise DataPipelineError(
+                f"{self.split} image {self.image_name(index)}: {failed_transform(e)} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+
+    def image_name(self, index: int) -> str:
+        folder = getattr(self.dataset, "folder", self.dataset)  # SkippingImageFolder wraps an ImageFolder
+        samples = getattr(folder, "samples", None)
+        return str(samples[index][0]) if samples is not None else f"#{index}"
+
+
+def failed_transform(error: BaseException) -> str:
+    """The innermost transform object on the traceback of `error` (a timm or torchvision one)."""
+    name = "the transform"
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        module = type(owner).__module__ or ""
+        if isinstance(owner, AugmentOp):
+            name = f"augmentation op {owner.name}"
+        elif module.startswith(("timm.data", "torchvision.transforms")):
+            name = type(owner).__name__
+    return name
 
 
 def _folder(root: Path, transform: Callable, counter: Any, validation: bool) -> Dataset:
@@ -277,9 +358,9 @@ def build_datasets(
     root = _need_dir(name, data_dir)
     train_tf, eval_tf = augment.train_transform(pre), pre.eval_transform()
     if name in ("cifar10", "cifar100"):
-        return _cifar(name, root, train_tf, eval_tf)
+        return _named(_cifar(name, root, train_tf, eval_tf))
     if name == "fashion_mnist":
-        return _fashion_mnist(root, train_tf, eval_tf)
+        return _named(_fashion_mnist(root, train_tf, eval_tf))
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"imagefolder needs {root / split} with one folder per class")
@@ -288,7 +369,13 @@ def build_datasets(
     val = _folder(root / "val", eval_tf, counter, validation=True)
     if list(train.classes) != list(val.classes):
         raise UserError(f"class folders differ between {root / 'train'} and {root / 'val'}")
-    return DataSplits(train, val, list(train.classes), counter)
+    return _named(DataSplits(train, val, list(train.classes), counter))
+
+
+def _named(splits: DataSplits) -> DataSplits:
+    splits.train = NamedFailures(splits.train, "training")
+    splits.val = NamedFailures(splits.val, "validation")
+    return splits
 
 
 class WithIndex(Dataset):

@@ -15,10 +15,10 @@ then the pretrained configs and registered constructors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,19 @@ class StageConfig:
     def depth(self) -> int:
         """Number of block applications (transformer layers as executed)."""
         return self.blocks * self.loops
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | StageConfig) -> StageConfig:
+        """A stage from plain data (YAML or JSON, where the per-loop tuples arrive as lists)."""
+        if isinstance(values, StageConfig):
+            return values
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a stage must be a mapping of stage options, got {values!r}")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown stage option(s): {', '.join(unknown)}")
+        loops = {k: tuple(values[k]) for k in ("groups", "permute") if k in values}
+        return cls(**{**values, **loops})
 
     def validate(self, index: int) -> None:
         where = f"stage {index}"
@@ -705,6 +718,8 @@ class SReT(nn.Module):
         unknown = set(overrides) - set(SReTConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown SReT options: {sorted(unknown)}")
+        if "stages" in overrides:  # e.g. from a checkpoint's JSON metadata
+            overrides["stages"] = tuple(StageConfig.from_mapping(s) for s in overrides["stages"])
         cfg = replace(cfg, **overrides)
         cfg.validate()
         self.cfg = cfg

@@ -1,4 +1,5 @@
-"""What a run leaves to look at: metrics per epoch (JSONL), curves (PNG) and TensorBoard logs."""
+"""What a run leaves to look at: metrics per epoch (JSONL), curves (PNG) and TensorBoard logs; and what
+a grid of runs leaves: accuracy against MACs and parameters (PNG)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,30 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     loss.legend()
     acc.legend()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def plot_ablation(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Best top-1 (mean ± std over seeds) against MACs and against parameters, one marker per variant."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    by_macs, by_params = fig.subplots(1, 2, sharey=True)
+    markers = "osD^v<>pPX*h"
+    for i, row in enumerate(r for r in rows if r["seeds"]):
+        acc, err = 100 * row["best_acc1_mean"], 100 * row["best_acc1_std"]
+        err = 0.0 if err != err else err  # one seed: no error bar
+        style = dict(yerr=err, fmt=markers[i % len(markers)], capsize=4, markersize=8, label=row["variant"])
+        by_macs.errorbar(row["macs"] / 1e6, acc, color=f"C{i % 10}", **style)
+        by_params.errorbar(row["params"] / 1e6, acc, color=f"C{i % 10}", **style)
+    by_macs.set_xlabel("MMACs per image")
+    by_params.set_xlabel("parameters (M)")
+    by_macs.set_ylabel("best validation top-1 % (mean ± std over seeds)")
+    for ax in (by_macs, by_params):
+        ax.grid(alpha=0.3)
+    by_params.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 class MetricsLog:

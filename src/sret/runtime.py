@@ -7,7 +7,8 @@ hundreds of such blocks per step: measured on a 2-core machine, this alone made 
 about 6x slower than with blocks reused from the heap. Raising the thresholds keeps freed blocks in
 the heap for reuse, which is what jemalloc or tcmalloc would give with LD_PRELOAD.
 
-Also here, shared by training and the benchmark: which devices have torch's fused optimizer kernels.
+Also here, shared by training and the benchmark: which devices have torch's fused optimizer kernels;
+and, for the processes `sret ablate` starts, dying with their parent.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
 
 import torch
@@ -57,6 +59,22 @@ def release_cpu_memory() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL(path).malloc_trim(0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child process (as `preexec_fn`): be killed when the parent dies, however it dies (Linux).
+
+    A grid of training processes must not outlive a SIGKILLed `sret ablate`: the rerun would train the
+    same cell twice at once. Elsewhere this does nothing, and a killed parent leaves its children.
+    """
+    path = ctypes.util.find_library("c")
+    if path is None or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(path).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def has_fused_adam(device: torch.device | str) -> bool:

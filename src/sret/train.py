@@ -27,11 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from sret.data import Augment, Preprocess, UserError, WithIndex, build_datasets, build_mixup, subset
 from sret.runtime import has_fused_adam
+from sret.variants import resolve_overrides
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "last_state.pt"
@@ -63,6 +65,7 @@ class TrainConfig:
     val_subset: int | None = None
     skip_bad_images: bool = False
     checkpoint: str | None = None
+    model_args: dict[str, Any] | None = None  # config overrides of the model (see sret.variants)
     drop_path: float = 0.0
     drop: float = 0.0
     shuffle: str | None = None
@@ -95,6 +98,11 @@ class TrainConfig:
     recount: int = 1
     model_ema: bool = False
     model_ema_decay: float = 0.99996
+    # repeated augmentation (DeiT): each image drawn this many times per pass, its copies spread over
+    # the processes; 1 = off. The epoch keeps its usual length (a third of the images, three times each)
+    # unless repeated_aug_full_epoch, which makes it pass every image `repeated_aug` times.
+    repeated_aug: int = 1
+    repeated_aug_full_epoch: bool = False
     # distillation
     teacher: str | None = None
     teacher_checkpoint: str | None = None
@@ -141,6 +149,8 @@ class TrainConfig:
             raise UserError("precomputed teacher logits are for unmixed images: set mixup=0 and cutmix=0")
         if self.shuffle not in (None, "random", "fixed", "none"):
             raise UserError(f"shuffle must be random, fixed or none, got {self.shuffle!r}")
+        if self.repeated_aug < 1:
+            raise UserError(f"repeated_aug must be >= 1 (1: off, DeiT: 3), got {self.repeated_aug}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -169,11 +179,23 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             if float(value) != int(float(value)):
                 raise ValueError
             return int(float(value))
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind.startswith("list"):
             return [float(v) for v in value]
         return str(value)
     except (TypeError, ValueError):
         raise UserError(f"option {name}: expected {kind}, got {value!r}") from None
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's `model_args`, resolved against its model (explicit stages; see sret.variants)."""
+    try:
+        return resolve_overrides(cfg.model, cfg.model_args)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model_args {cfg.model_args}: {e}") from None
 
 
 def read_yaml(text: str, what: str) -> Any:
@@ -311,16 +333,42 @@ class EpochSampler(Sampler[int]):
 
     DistributedSampler gives the global order (rank r takes every world_size-th index, so the union
     of the ranks' batches equals the one-process batch); starting from a batch lets a run resume
-    mid-epoch on exactly the samples it had not seen.
+    mid-epoch on exactly the samples it had not seen. With `repeats` > 1 the order is timm's
+    RepeatAugSampler instead (DeiT's repeated augmentation): each index `repeats` times in a row of the
+    global order, so its copies land on different ranks; by default the epoch keeps the length of one
+    pass (rounded down to 256 images, as DeiT), with `full_epoch` every index appears `repeats` times.
     """
 
-    def __init__(self, dataset: Dataset, d: Dist, seed: int, batch_size: int) -> None:
-        self.inner = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=seed)
+    def __init__(
+        self,
+        dataset: Dataset,
+        d: Dist,
+        seed: int,
+        batch_size: int,
+        repeats: int = 1,
+        full_epoch: bool = False,
+    ) -> None:
+        self.inner: DistributedSampler | RepeatAugSampler
+        if repeats > 1:
+            self.inner = RepeatAugSampler(
+                dataset,
+                d.world_size,
+                d.rank,
+                shuffle=True,
+                num_repeats=repeats,
+                selected_round=0 if full_epoch else 256,
+                selected_ratio=d.world_size / repeats if full_epoch else 0,
+            )
+        else:
+            self.inner = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=seed)
+        self.seed = seed
         self.batch_size = batch_size
         self.skip = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.inner.set_epoch(epoch)
+        # RepeatAugSampler seeds its permutation with the epoch alone; DistributedSampler adds its seed.
+        repeated = isinstance(self.inner, RepeatAugSampler)
+        self.inner.set_epoch(self.seed + epoch if repeated else epoch)
         self.skip = start_batch * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
@@ -465,6 +513,7 @@ class Run:
 
         seed_all(cfg.seed)  # identical initial weights on every rank
         self.model_args = dict(num_classes=len(self.classes), img_size=cfg.img_size)
+        self.model_args.update(model_overrides(cfg))
         options = dict(drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
         if cfg.shuffle:
             self.model_args["shuffle"] = cfg.shuffle
@@ -502,7 +551,9 @@ class Run:
             self.logits = load_teacher_logits(cfg.teacher_logits, len(train), len(self.classes))
             train = WithIndex(train)
 
-        self.sampler = EpochSampler(train, d, cfg.seed, self.batch)
+        self.sampler = EpochSampler(
+            train, d, cfg.seed, self.batch, cfg.repeated_aug, cfg.repeated_aug_full_epoch
+        )
         self.generator = torch.Generator()
         self.train_loader = DataLoader(
             train,

@@ -1,0 +1,555 @@
+"""`sret ablate`: a grid of model variants x seeds, trained with one recipe, summarised with error bars.
+
+A grid file (YAML) names a recipe, the training settings every cell shares (`set:`), the number of
+seeds and the variants, each a set of model-config overrides in the language of `sret.variants`::
+
+    recipe: cifar10
+    set: {dataset: imagefolder, epochs: 20}
+    seeds: 3
+    variants:
+      plain: {loops: 1, nll: none, residual_coefficients: false}
+      sret: {}
+
+Every cell (variant, seed) is one `sret train` run in its own process, under `OUT/cells/`, with the
+same recipe, data and budget; `--jobs` cells run at a time with the cores split between them. The
+grid is resumable at every level: a finished cell is never rerun, an interrupted one continues from
+its last checkpoint (`sret train --resume`, which is exact), and a failed cell is reported with its
+error and retried on the next run, without stopping the others. When all cells have run, the
+summary (per variant: mean ± std over seeds of best and final top-1, parameters, MACs, training
+images/s, time) is written as Markdown, CSV and JSON, with a plot of accuracy against MACs and
+against parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sret.checkpoint import atomic_write, create_model
+from sret.data import UserError
+from sret.evaluate import load_trained
+from sret.info import count_macs
+from sret.plots import plot_ablation
+from sret.runtime import die_with_parent
+from sret.train import TrainConfig, load_recipe, read_mapping, resolve_config
+from sret.variants import resolve_overrides
+
+GRIDS = Path(__file__).parent / "grids"
+GRID_KEYS = ("description", "recipe", "model", "base", "set", "seeds", "variants")
+# Options the grid itself decides for every cell: where it writes, its seed and its threads.
+OWNED = ("output", "name", "seed", "threads", "model_args")
+SUMMARY_FIELDS = (
+    "variant",
+    "seeds",
+    "failed",
+    "params",
+    "macs",
+    "best_acc1_mean",
+    "best_acc1_std",
+    "final_acc1_mean",
+    "final_acc1_std",
+    "img_per_s",
+    "train_s",
+    "wall_s",
+    "overrides",
+    "error",
+)
+TIME_FIELDS = ("img_per_s", "train_s", "wall_s")  # differ between identical runs
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]  # as the grid wrote them
+    model_args: dict[str, Any]  # resolved: what the cells' `model_args` hold
+
+
+@dataclass(frozen=True)
+class Cell:
+    variant: Variant
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}-s{self.seed}"
+
+
+@dataclass
+class Grid:
+    """A resolved grid: every cell's training config is known (and valid) before any cell runs."""
+
+    path: str
+    recipe: str
+    model: str
+    settings: dict[str, Any]  # training options shared by every cell
+    seeds: int
+    variants: list[Variant]
+    description: str = ""
+    base: dict[str, Any] = field(default_factory=dict)  # model overrides under every variant's
+    configs: dict[str, TrainConfig] = field(default_factory=dict, repr=False)  # by variant, seed 0
+
+    @property
+    def cells(self) -> list[Cell]:
+        """Seed-major order: every variant's first seed finishes before any second seed starts."""
+        return [Cell(v, s) for s in range(self.seeds) for v in self.variants]
+
+    def fingerprint(self) -> str:
+        """What makes the cells' results comparable: recipe, settings and variants (not paths)."""
+        spec = dict(
+            recipe=self.recipe,
+            model=self.model,
+            settings={k: v for k, v in self.settings.items() if k not in ("data_dir", "workers")},
+            variants={v.name: v.model_args for v in self.variants},
+        )
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a grid
+# --------------------------------------------------------------------------------------------------
+def find_grid(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = GRIDS / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in GRIDS.glob("*.yaml")))
+    raise UserError(f"grid not found: {name_or_path} (shipped: {names})")
+
+
+def load_grid(
+    name_or_path: str = "cifar10",
+    seeds: int | None = None,
+    data_dir: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Grid:
+    """Read and check a grid: every variant builds, every cell's config is valid; UserError if not."""
+    path = find_grid(name_or_path)
+    spec = read_mapping(path, "grid")
+    unknown = sorted(set(spec) - set(GRID_KEYS))
+    if unknown:
+        raise UserError(f"grid {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(GRID_KEYS)})")
+    variants = spec.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise UserError(f"grid {path}: needs `variants:`, a mapping of name: {{model overrides}}")
+    shared = spec.get("set") or {}
+    if not isinstance(shared, dict):
+        raise UserError(f"grid {path}: `set:` must be a mapping of training option: value")
+    shared = {**shared, **(settings or {})}
+    if data_dir is not None:
+        shared["data_dir"] = data_dir
+    owned = sorted(set(shared) & set(OWNED))
+    if owned:
+        raise UserError(f"grid {path}: {', '.join(owned)} are set by `sret ablate` for each cell")
+    recipe = str(spec.get("recipe", "digits"))
+    model = str(
+        spec.get("model") or shared.pop("model", None) or load_recipe(recipe).get("model", "sret_nano")
+    )
+    n_seeds = int(seeds if seeds is not None else spec.get("seeds", 3))
+    if n_seeds < 1:
+        raise UserError(f"grid {path}: seeds must be >= 1, got {n_seeds}")
+    base = spec.get("base") or {}
+    if not isinstance(base, dict):
+        raise UserError(f"grid {path}: `base:` must be a mapping of model option: value")
+    grid = Grid(str(path), recipe, model, shared, n_seeds, [], str(spec.get("description", "")), base)
+    for name, overrides in variants.items():
+        grid.variants.append(_variant(grid, str(name), overrides or {}))
+    return grid
+
+
+def _variant(grid: Grid, name: str, overrides: Any) -> Variant:
+    """Resolve one variant and build its model once, so an impossible one fails before training."""
+    where = f"grid {grid.path}: variant {name!r}"
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"{where}: names may hold letters, digits, '-' and '_' only")
+    if not isinstance(overrides, dict):
+        raise UserError(f"{where}: overrides must be a mapping of model option: value, got {overrides!r}")
+    try:
+        model_args = resolve_overrides(grid.model, grid.base, overrides)
+        cfg = resolve_config(grid.recipe, model=grid.model, model_args=model_args, **grid.settings)
+        create_model(cfg.model, img_size=cfg.img_size, **model_args)
+    except (UserError, ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+    grid.configs[name] = cfg
+    return Variant(name, dict(overrides), model_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the cells
+# --------------------------------------------------------------------------------------------------
+class Layout:
+    """Where a grid keeps its files under OUT."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.cells, self.logs, self.results = self.out / "cells", self.out / "logs", self.out / "results"
+
+    def run_dir(self, cell: Cell) -> Path:
+        return self.cells / cell.name
+
+    def result(self, cell: Cell) -> Path:
+        return self.results / f"{cell.name}.json"
+
+    def log(self, cell: Cell) -> Path:
+        return self.logs / f"{cell.name}.log"
+
+
+def cell_command(grid: Grid, cell: Cell, layout: Layout, threads: int) -> list[str]:
+    """`sret train` for a cell: a resume if its run folder exists, else a new run with the grid's config."""
+    base = [sys.executable, "-m", "sret", "train"]
+    run_dir = layout.run_dir(cell)
+    if (run_dir / "config.yaml").is_file():
+        moved = [
+            f"--{k.replace('_', '-')}={grid.settings[k]}"
+            for k in ("data_dir", "workers")
+            if k in grid.settings
+        ]
+        return [*base, "--resume", str(run_dir), *moved]
+    options = {
+        **grid.settings,
+        "model": grid.model,
+        "model_args": cell.variant.model_args,
+        "seed": cell.seed,
+        "threads": threads,
+        "output": str(layout.cells),
+        "name": cell.name,
+    }
+    sets = [f"{k}={json.dumps(v)}" for k, v in options.items()]
+    return [*base, "-r", grid.recipe, *(arg for item in sets for arg in ("--set", item))]
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def summarise_cell(grid: Grid, cell: Cell, layout: Layout, wall_s: float) -> dict[str, Any]:
+    """The finished cell's scores (from its metrics file) and its model's size (from its weights)."""
+    run_dir = layout.run_dir(cell)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = grid.configs[cell.variant.name]
+    model = load_trained(run_dir / "last.safetensors").model
+    return dict(
+        cell=cell.name,
+        variant=cell.variant.name,
+        seed=cell.seed,
+        status="ok",
+        epochs=len(rows),
+        best_acc1=max(r["val_acc1"] for r in rows),
+        final_acc1=rows[-1]["val_acc1"],
+        final_val_loss=rows[-1]["val_loss"],
+        params=sum(p.numel() for p in model.parameters()),
+        macs=count_macs(model, cfg.img_size),
+        img_per_s=statistics.fmean(r["img_per_s"] for r in rows),
+        train_s=sum(r["time_s"] for r in rows),
+        wall_s=wall_s,
+    )
+
+
+def cell_error(log: Path, returncode: int) -> str:
+    """The cell's one-line error: its `error:` line, else the last line it wrote, else the exit code."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else f"exit code {returncode}"
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """One `sret ablate` per output folder at a time (two would train the same cells)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `sret ablate` is running in {out}") from None
+        yield
+
+
+def check_same_grid(grid: Grid, layout: Layout) -> None:
+    """OUT holds one grid: refuse to mix cells of another recipe or variant set into it."""
+    stamp = layout.out / "grid.json"
+    mine = dict(
+        fingerprint=grid.fingerprint(),
+        grid=grid.path,
+        recipe=grid.recipe,
+        model=grid.model,
+        settings=grid.settings,
+        variants={v.name: v.overrides for v in grid.variants},
+    )
+    saved = read_result(stamp)
+    if saved is not None and saved.get("fingerprint") != mine["fingerprint"]:
+        raise UserError(
+            f"{layout.out} holds the cells of another grid ({saved.get('grid')}, other settings or "
+            "variants): choose another --out, or delete it to start again"
+        )
+    atomic_write(stamp, lambda tmp: Path(tmp).write_text(json.dumps(mine, indent=1, default=str)))
+
+
+def run_grid(
+    grid: Grid,
+    out: str | os.PathLike,
+    jobs: int = 1,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell (`jobs` at a time), then write the summary; returns the cell results."""
+    layout = Layout(out)
+    if jobs < 1:
+        raise UserError(f"jobs must be >= 1, got {jobs}")
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with exclusive(layout.out):
+        check_same_grid(grid, layout)
+        for folder in (layout.cells, layout.logs, layout.results):
+            folder.mkdir(parents=True, exist_ok=True)
+        todo = [c for c in grid.cells if (read_result(layout.result(c)) or {}).get("status") != "ok"]
+        done = len(grid.cells) - len(todo)
+        log(
+            f"grid {grid.path}: {len(grid.variants)} variants x {grid.seeds} seeds = {len(grid.cells)} cells "
+            f"({done} already finished), {jobs} at a time, {threads} thread(s) each; output in {layout.out}"
+        )
+        Scheduler(grid, layout, todo, jobs, threads, log, done).run()
+        results = [read_result(layout.result(c)) or missing(c) for c in grid.cells]
+        write_summary(grid, results, layout.out)
+    return results
+
+
+def missing(cell: Cell) -> dict[str, Any]:
+    return dict(
+        cell=cell.name, variant=cell.variant.name, seed=cell.seed, status="failed", error="did not run"
+    )
+
+
+class Scheduler:
+    """Keeps `jobs` cell processes running; records each cell's result as it ends."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        layout: Layout,
+        todo: list[Cell],
+        jobs: int,
+        threads: int,
+        log: Callable[[str], None],
+        done: int,
+    ) -> None:
+        self.grid, self.layout, self.todo, self.jobs, self.threads, self.log = (
+            grid,
+            layout,
+            todo,
+            jobs,
+            threads,
+            log,
+        )
+        self.total, self.finished = len(grid.cells), done
+        self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any]] = {}  # by cell name
+        self.times: dict[str, list[float]] = {}
+        self.start = time.monotonic()
+
+    def run(self) -> None:
+        pending = list(self.todo)
+        try:
+            while pending or self.running:
+                while pending and len(self.running) < self.jobs:
+                    self.launch(pending.pop(0))
+                time.sleep(0.2)
+                for name in [n for n, (_, p, _, _) in self.running.items() if p.poll() is not None]:
+                    self.finish(name, pending)
+        except KeyboardInterrupt:
+            for _, proc, _, _ in self.running.values():
+                proc.wait()  # the cells got the same Ctrl-C: let them write their checkpoints
+            self.log(f"interrupted: rerun the same command to continue ({self.layout.out} keeps every cell)")
+            raise
+
+    def launch(self, cell: Cell) -> None:
+        command = cell_command(self.grid, cell, self.layout, self.threads)
+        log = open(self.layout.log(cell), "a")  # noqa: SIM115 (closed when the cell ends)
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "COLUMNS": "120"}
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+        )
+        self.running[cell.name] = (cell, proc, time.monotonic(), log)
+
+    def finish(self, name: str, pending: list[Cell]) -> None:
+        cell, proc, started, log = self.running.pop(name)
+        log.close()
+        wall = time.monotonic() - started
+        if proc.returncode == 0:
+            try:
+                result = summarise_cell(self.grid, cell, self.layout, wall)
+            except (OSError, ValueError, KeyError, UserError) as e:
+                result = {**missing(cell), "error": f"finished, but its results are unreadable: {e}"}
+        else:
+            result = {**missing(cell), "error": cell_error(self.layout.log(cell), proc.returncode)}
+        result["wall_s"] = wall
+        atomic_write(self.layout.result(cell), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        self.finished += 1
+        self.times.setdefault(cell.variant.name, []).append(wall)
+        self.log(f"[{self.finished}/{self.total}] {progress_line(result)}  ETA {self.eta(pending)}")
+
+    def eta(self, pending: list[Cell]) -> str:
+        """Remaining time: each left cell costs its variant's mean so far (else the overall mean)."""
+        every = [t for ts in self.times.values() for t in ts]
+        if not every:
+            return "?"
+        mean = statistics.fmean(every)
+
+        def cost(cell: Cell) -> float:
+            return statistics.fmean(self.times.get(cell.variant.name, [mean]))
+
+        now = time.monotonic()
+        left = sum(cost(c) for c in pending)
+        left += sum(max(cost(c) - (now - started), 0.0) for c, _, started, _ in self.running.values())
+        return format_seconds(left / self.jobs)
+
+
+def progress_line(result: dict[str, Any]) -> str:
+    if result["status"] != "ok":
+        return f"{result['cell']}: FAILED ({result['error']})"
+    return (
+        f"{result['cell']}: best top-1 {result['best_acc1']:.4f}, final {result['final_acc1']:.4f}, "
+        f"{result['img_per_s']:.0f} img/s, {format_seconds(result['wall_s'])}"
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary
+# --------------------------------------------------------------------------------------------------
+def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant: mean and (sample) standard deviation over its finished seeds."""
+    rows = []
+    for variant in grid.variants:
+        mine = [r for r in results if r["variant"] == variant.name]
+        ok = [r for r in mine if r["status"] == "ok"]
+        failed = [r for r in mine if r["status"] != "ok"]
+
+        def stats(key: str, cells: list[dict[str, Any]] = ok) -> tuple[float, float]:
+            values = [c[key] for c in cells]
+            if not values:
+                return math.nan, math.nan
+            return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+        rows.append(
+            dict(
+                variant=variant.name,
+                seeds=len(ok),
+                failed=len(failed),
+                params=ok[0]["params"] if ok else None,
+                macs=ok[0]["macs"] if ok else None,
+                best_acc1_mean=stats("best_acc1")[0],
+                best_acc1_std=stats("best_acc1")[1],
+                final_acc1_mean=stats("final_acc1")[0],
+                final_acc1_std=stats("final_acc1")[1],
+                img_per_s=stats("img_per_s")[0],
+                train_s=stats("train_s")[0],
+                wall_s=stats("wall_s")[0],
+                overrides=json.dumps(variant.overrides, sort_keys=True),
+                error=failed[0]["error"] if failed else "",
+            )
+        )
+    return rows
+
+
+def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """summary.md / .csv / .json, cells.csv (every cell) and ablation.png, each written atomically."""
+    rows = summarise(grid, results)
+    doc = dict(
+        grid=grid.path,
+        recipe=grid.recipe,
+        model=grid.model,
+        settings=grid.settings,
+        seeds=grid.seeds,
+        variants=rows,
+        cells=results,
+    )
+    atomic_write(
+        out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=str))
+    )
+    atomic_write(out / "summary.csv", lambda tmp: Path(tmp).write_text(to_csv(rows, SUMMARY_FIELDS)))
+    cell_fields = (
+        "cell",
+        "variant",
+        "seed",
+        "status",
+        "epochs",
+        "best_acc1",
+        "final_acc1",
+        "final_val_loss",
+        "params",
+        "macs",
+        "img_per_s",
+        "train_s",
+        "wall_s",
+        "error",
+    )
+    atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(to_csv(results, cell_fields)))
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table(rows)))
+    if any(r["seeds"] for r in rows):
+        plot_ablation(rows, out / "ablation.png", title=grid.description or Path(grid.path).stem)
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table: accuracies in % (mean ± std over seeds)."""
+
+    def pct(mean: float, std: float) -> str:
+        if math.isnan(mean):
+            return "–"
+        return f"{100 * mean:.2f} ± {100 * std:.2f}" if not math.isnan(std) else f"{100 * mean:.2f}"
+
+    header = ("variant", "seeds", "params", "MMACs", "best top-1 %", "final top-1 %", "train img/s")
+    header += ("train s", "wall s", "note")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 8 + "---|"]
+    for r in rows:
+        size = (f"{r['params'] / 1e6:.3f} M", f"{r['macs'] / 1e6:.2f}") if r["params"] else ("–", "–")
+        note = f"{r['failed']} failed: {r['error']}" if r["failed"] else ""
+        timing = (
+            ("–", "–", "–")
+            if not r["seeds"]
+            else (f"{r['img_per_s']:.0f}", f"{r['train_s']:.1f}", f"{r['wall_s']:.1f}")
+        )
+        best = pct(r["best_acc1_mean"], r["best_acc1_std"])
+        final = pct(r["final_acc1_mean"], r["final_acc1_std"])
+        cells = (r["variant"], str(r["seeds"]), *size, best, final, *timing, note)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
