@@ -160,6 +160,10 @@ def load_grid(
     model = str(
         spec.get("model") or shared.pop("model", None) or load_recipe(recipe).get("model", "sret_nano")
     )
+    try:
+        resolve_config(recipe, model=model, **shared)
+    except UserError as e:
+        raise UserError(f"grid {path}: {e}") from None
     n_seeds = int(seeds if seeds is not None else spec.get("seeds", 3))
     if n_seeds < 1:
         raise UserError(f"grid {path}: seeds must be >= 1, got {n_seeds}")

@@ -151,6 +151,7 @@ class TrainConfig:
             raise UserError(f"shuffle must be random, fixed or none, got {self.shuffle!r}")
         if self.repeated_aug < 1:
             raise UserError(f"repeated_aug must be >= 1 (1: off, DeiT: 3), got {self.repeated_aug}")
+        model_overrides(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -1,0 +1,217 @@
+"""`sret ablate` and model variants as data: grids, resumable cells, summaries, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sret.ablate import GRIDS, TIME_FIELDS, load_grid, run_grid
+from sret.checkpoint import create_model
+from sret.data import UserError
+from sret.variants import resolve_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SET = dict(epochs=1, train_subset=64, val_subset=32, batch_size=32, warmup_epochs=0)
+
+
+def write_grid(tmp_path: Path, variants: dict, **extra) -> Path:
+    spec = dict(recipe="digits", set=TINY_SET, seeds=1, variants=variants, **extra)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def stable(rows: list[dict]) -> list[dict]:
+    """A summary's rows without the timings, which differ between identical runs."""
+    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
+
+
+def test_stage_fields_apply_to_every_stage_or_one_per_stage() -> None:
+    plain = resolve_overrides("sret_nano", {"loops": 1, "nll": "none"})
+    assert plain["nll"] == "none"
+    assert [s["loops"] for s in plain["stages"]] == [1, 1, 1]
+    assert plain["stages"][0]["groups"] == [2] and plain["stages"][0]["permute"] == [False]
+    deep = resolve_overrides("sret_nano", {"loops": [4, 2, 1], "permute": True})
+    first = deep["stages"][0]
+    assert first["groups"] == [2, 2, 2, 2]  # the last loop's settings repeat for new loops
+    assert first["permute"] == [False, True, True, True]  # the paper permutes the recursions only
+    layered = resolve_overrides("sret_nano", {"stem": "patch", "patch_size": 4}, {"groups": [[4, 2], 1, 1]})
+    assert layered["stem"] == "patch" and layered["stages"][0]["groups"] == [4, 2]
+    assert resolve_overrides("sret_nano", {}) == {}  # nothing changed: nothing to store
+    model = create_model("sret_nano", **json.loads(json.dumps(deep)))  # as a checkpoint's metadata
+    assert [stage.schedule.num_nlls for stage in model.stages] == [4, 2, 1]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loopz": 2}, "unknown model option"),
+        ({"groups": [2, 2]}, "one entry per stage"),
+        ({"loops": 2, "groups": [[2, 2, 2], 1, 1]}, "one entry per loop"),
+        ({"heads": 3}, "heads (3) must divide dim"),
+        ({"stages": [{"dim": 32}], "loops": 2}, "not both"),
+    ],
+)
+def test_invalid_overrides_say_what_is_wrong(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_overrides("sret_nano", overrides)
+
+
+def test_train_takes_model_args_and_its_weights_rebuild_the_variant(tmp_path: Path) -> None:
+    from sret.evaluate import load_trained
+    from sret.train import resolve_config, train
+
+    cfg = resolve_config(
+        "digits",
+        output=str(tmp_path),
+        name="r",
+        model_args={"loops": 1, "residual_coefficients": False},
+        **TINY_SET,
+    )
+    run = train(cfg)
+    model = load_trained(run / "best.safetensors").model
+    assert [stage.schedule.num_nlls for stage in model.stages] == [1, 1, 1]
+    assert not model.cfg.residual_coefficients
+    with pytest.raises(UserError, match=r"model_args .*unknown model option\(s\) loopz"):
+        resolve_config("digits", model_args={"loopz": 1})
+
+
+def test_a_small_grid_writes_table_csv_json_and_plot_then_a_rerun_skips_it(tmp_path: Path) -> None:
+    path = write_grid(
+        tmp_path,
+        {"plain": {"loops": 1, "nll": "none", "residual_coefficients": False}, "sret": {}},
+        description="tiny",
+    )
+    grid = load_grid(str(path))
+    lines: list[str] = []
+    results = run_grid(grid, tmp_path / "out", jobs=2, log=lines.append)
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert sum(line.startswith("[") and "ETA" in line for line in lines) == 2  # a line per cell
+    out = tmp_path / "out"
+    table = (out / "summary.md").read_text()
+    assert "| plain | 1 |" in table and "| sret | 1 |" in table
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["variant"] for r in rows] == ["plain", "sret"]
+    plain, sret = rows
+    assert int(plain["params"]) < int(sret["params"]) and int(plain["macs"]) < int(sret["macs"])
+    assert 0.0 <= float(sret["best_acc1_mean"]) <= 1.0
+    doc = json.loads((out / "summary.json").read_text())
+    assert len(doc["cells"]) == 2 and doc["variants"][0]["seeds"] == 1
+    assert (out / "ablation.png").stat().st_size > 10_000
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")}
+    again: list[str] = []
+    assert stable(run_grid(grid, out, log=again.append)) == stable(results)
+    assert "(2 already finished)" in again[0] and len(again) == 1  # nothing was trained again
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")} == before
+
+
+def test_a_failed_cell_is_reported_and_does_not_stop_the_others(tmp_path: Path) -> None:
+    grid = load_grid(str(write_grid(tmp_path, {"a": {"loops": 1}, "b": {}})))
+    broken = tmp_path / "out" / "cells" / "a-s0"
+    broken.mkdir(parents=True)
+    (broken / "config.yaml").write_text("model: [")  # a cell folder damaged outside sret
+    lines: list[str] = []
+    results = run_grid(grid, tmp_path / "out", log=lines.append)
+    assert [r["status"] for r in results] == ["failed", "ok"]
+    assert "cannot parse run config" in results[0]["error"]
+    assert any("a-s0: FAILED (cannot parse run config" in line for line in lines)
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| a | 0 |" in table and "1 failed: cannot parse run config" in table and "| b | 1 |" in table
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("variants: [", "cannot parse grid"),
+        ("recipe: digits\n", "needs `variants:`"),
+        ("variants: {a: {}}\nextra: 1\n", "unknown key(s) extra"),
+        ("variants: {fast: {loopz: 2}}\n", "variant 'fast': unknown model option(s) loopz"),
+        ("variants: {many: {groups: 64}}\n", "variant 'many': stage 0 has 16 tokens"),
+        ("variants: {x: {}}\nset: {output: here}\n", "output are set by `sret ablate`"),
+        ("variants: {x: {}}\nset: {epochz: 1}\n", "grid.yaml: unknown config option(s): epochz"),
+    ],
+)
+def test_a_broken_grid_is_one_clear_error_before_any_training(
+    content: str, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(content)
+    with pytest.raises(UserError) as error:
+        load_grid(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_another_grid_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    grid = load_grid(str(write_grid(tmp_path, {"a": {"loops": 1}})))
+    run_grid(grid, tmp_path / "out", log=lambda _: None)
+    other = load_grid(str(write_grid(tmp_path, {"a": {"loops": 2}})))
+    with pytest.raises(UserError, match="holds the cells of another grid"):
+        run_grid(other, tmp_path / "out", log=lambda _: None)
+
+
+def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_table(tmp_path: Path) -> None:
+    settings = dict(epochs=3, train_subset=320, val_subset=64, batch_size=32, warmup_epochs=0)
+    spec = dict(recipe="digits", set=settings, seeds=1, variants={"a": {"loops": 1}, "b": {}})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sret", "ablate", str(path), "--threads", "1"]
+    straight = subprocess.run(
+        [*command, "--out", str(tmp_path / "straight")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr
+    victim = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "killed")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = tmp_path / "killed" / "cells" / "b-s0" / "last_state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert torch.load(state, weights_only=True)["epoch"] < 3, "the cell finished before the kill"
+    time.sleep(0.5)  # the cell process dies with the grid (no orphan keeps training)
+    alive = subprocess.run(["pgrep", "-f", str(tmp_path / "killed")], capture_output=True, text=True)
+    assert alive.stdout.strip() == ""
+    rerun = subprocess.run(
+        [*command, "--out", str(tmp_path / "killed")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert "(1 already finished)" in rerun.stderr
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "killed"))
+    assert stable(two["variants"]) == stable(one["variants"])
+
+
+def test_the_shipped_grids_resolve() -> None:
+    shipped = sorted(p.stem for p in GRIDS.glob("*.yaml"))
+    assert {"cifar10", "imagenet"} <= set(shipped)
+    grid = load_grid("cifar10", data_dir="/nonexistent")  # checked without reading the data
+    assert len(grid.variants) >= 8 and grid.seeds >= 3
+    by_name = {v.name: v for v in grid.variants}
+    assert by_name["plain"].model_args["nll"] == "none"
+    assert [s["loops"] for s in by_name["sret_deep"].model_args["stages"]] == [8, 8, 8]
