@@ -17,7 +17,7 @@ import yaml
 
 from sret.ablate import GRIDS, TIME_FIELDS, load_grid, run_grid
 from sret.checkpoint import create_model
-from sret.data import UserError
+from sret.io import UserError
 from sret.variants import resolve_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sret.data import IGNORE_LABEL, BadImageError, UserError, build_datasets, build_mixup, subset
+from sret.data import IGNORE_LABEL, BadImageError, build_datasets, build_mixup, subset
+from sret.io import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

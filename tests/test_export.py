@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import sret
 from sret.cli import app
 from sret.export import ExportMismatch, ExportRefused, export_model
+from sret.io import UserError
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 
@@ -109,7 +110,7 @@ def test_pth_checkpoint_needs_and_takes_model_name(nano_checkpoint: Path, tmp_pa
     """A plain torch state dict carries no architecture: --model names it."""
     pth = tmp_path / "nano.pth"
     torch.save(sret.create_model("sret_nano", checkpoint_path=nano_checkpoint).state_dict(), pth)
-    with pytest.raises(ValueError, match="--model"):
+    with pytest.raises(UserError, match="--model"):
         export_model(pth, "torchscript", shuffle="fixed")
     result = export_model(pth, "torchscript", model_name="sret_nano", shuffle="fixed")
     assert result.path == tmp_path / "nano.torchscript.pt" and result.max_abs_diff <= 1e-4

@@ -550,6 +550,12 @@ def test_timm_api() -> None:
         assert [t.shape[1] for t in inter] == [32, 64, 128]
         torch.testing.assert_close(final, feats)
         assert len(model.forward_intermediates(x, indices=1, intermediates_only=True)) == 1
+        _, normed = model.forward_intermediates(x, norm=True)
+        expected = model.norm(inter[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(normed[-1], expected)  # the final norm, over channels
+        torch.testing.assert_close(normed[0], inter[0])  # other stages have no norm of their width
+        firsts = model.forward_intermediates(x, indices=[0, -2], stop_early=True, intermediates_only=True)
+        assert [t.shape[1] for t in firsts] == [32, 64]
     assert model.no_weight_decay() == {"pos_embed"}
     model.reset_classifier(11)
     assert model(x).shape == (2, 11)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from sret.data import UserError
+from sret.io import UserError
 from sret.train import STATE_FILE, TrainConfig, final_metrics, resolve_config, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sret.checkpoint import atomic_write, create_model
-from sret.data import UserError
+from sret.checkpoint import create_model
 from sret.evaluate import load_trained
 from sret.info import count_macs
+from sret.io import UserError, atomic_write, read_mapping
 from sret.plots import plot_ablation
 from sret.runtime import die_with_parent
-from sret.train import TrainConfig, load_recipe, read_mapping, resolve_config
+from sret.train import TrainConfig, load_recipe, resolve_config
 from sret.variants import resolve_overrides
 
 GRIDS = Path(__file__).parent / "grids"

@@ -29,11 +29,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sret import fused, native
+from sret.info import count_macs, macs_by_module
+from sret.model import MODEL_CONFIGS  # importing the model registers the SReT variants with timm
 from sret.runtime import has_fused_adam, release_cpu_memory
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
@@ -145,9 +148,7 @@ class BenchRow:
 # Building models and steps
 # --------------------------------------------------------------------------------------------------
 def is_sret(name: str) -> bool:
-    import sret
-
-    return name.split(".", 1)[0] in sret.MODEL_CONFIGS
+    return name.split(".", 1)[0] in MODEL_CONFIGS
 
 
 def default_img_size(model: nn.Module) -> int:
@@ -158,8 +159,6 @@ def default_img_size(model: nn.Module) -> int:
 
 def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]:
     """A randomly initialised model on the device, and the resolution it will be fed."""
-    import sret  # noqa: F401  (registers the SReT variants with timm)
-
     kwargs: dict[str, Any] = {}
     if cfg.shuffle is not None and is_sret(contender.name):
         kwargs["shuffle"] = cfg.shuffle
@@ -175,8 +174,6 @@ def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]
 def _create(name: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> nn.Module:
     """timm.create_model, leaving out the `optional` keywords that the architecture rejects (models
     without stochastic depth or a fixed input size, such as most CNNs, take neither)."""
-    import timm
-
     try:
         return timm.create_model(name, pretrained=False, **kwargs, **optional)
     except TypeError as e:
@@ -566,8 +563,6 @@ class _Prepared:
 def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
     """Build a contender and count its MACs, which runs it once on one image: a model that rejects the
     configuration (its input size, say) fails here, before any timing, with a BenchError naming it."""
-    from sret.info import count_macs, macs_by_module
-
     try:
         model, img_size = build_model(contender, cfg)
         macs = count_macs(model, img_size)  # before compiling; eager and compiled graphs do the same work

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,10 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 import sret.model  # noqa: F401  (registers the variants with timm)
+from sret.io import UserError, atomic_write
 from sret.model import MODEL_CONFIGS, checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call `write(tmp_path)` and rename the result over `path` only once it is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -126,6 +110,30 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             f"{len(unexpected)} unexpected keys {unexpected[:3]}"
         )
     return model
+
+
+def model_from_weights(
+    path: str | os.PathLike, model_name: str | None = None, **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a weights file holds, and the file's metadata (see :func:`read_metadata`).
+
+    The architecture comes from the metadata that `sret train` and :func:`save_weights` store (the
+    model name and its arguments); `model_name` names it for a file without metadata (the authors'
+    `.pth`), and `overrides` replace arguments (img_size, shuffle, ...). The one way train, eval,
+    predict and export rebuild a model from a file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+    name = model_name or meta.get("model_name")
+    if name is None:
+        raise UserError(f"{path} does not say which model it holds: name the architecture (--model NAME)")
+    stored = meta.get("model_args", {}) if name == meta.get("model_name") else {}
+    return create_model(name, checkpoint_path=path, **{**stored, **overrides}), meta
 
 
 def create_model(

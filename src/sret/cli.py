@@ -188,7 +188,7 @@ def train_cmd(
 
     Under `torchrun --nproc_per_node=N -m sret train ...` it trains with DistributedDataParallel.
     """
-    from sret.data import UserError
+    from sret.io import UserError
     from sret.train import resolve_config, train
 
     try:
@@ -252,7 +252,7 @@ def ablate_cmd(
     from pathlib import Path
 
     from sret.ablate import load_grid, run_grid
-    from sret.data import UserError
+    from sret.io import UserError
     from sret.train import parse_sets
 
     try:
@@ -277,7 +277,7 @@ def distill_logits_cmd(
     data_dir: str | None = typer.Option(None, "--data-dir"),
 ) -> None:
     """Precompute teacher logits over the (unaugmented) training set, in data-set order."""
-    from sret.data import UserError
+    from sret.io import UserError
     from sret.train import compute_teacher_logits, resolve_config
 
     try:
@@ -306,8 +306,8 @@ def eval_cmd(
     import json
     from pathlib import Path
 
-    from sret.data import UserError
     from sret.evaluate import evaluate
+    from sret.io import UserError
 
     path = Path(checkpoint)
     png = Path(confusion) if confusion else path.with_name(f"{path.stem}_confusion_{dataset or 'val'}.png")
@@ -357,8 +357,8 @@ def predict_cmd(
     """Top-k class names and probabilities for each image."""
     import json
 
-    from sret.data import UserError
     from sret.evaluate import predict
+    from sret.io import UserError
 
     try:
         result = predict(checkpoint, images, topk, device, batch_size, skip_bad_images)
@@ -396,12 +396,13 @@ def export_cmd(
 ) -> None:
     """Export to ONNX, TorchScript or a torch.export program, verified against PyTorch before writing."""
     from sret.export import ExportMismatch, ExportRefused, export_model
+    from sret.io import UserError
 
     try:
         result = export_model(checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol)
     except ExportRefused as e:
         raise _user_error(e, code=3) from None
-    except (ValueError, FileNotFoundError, ExportMismatch) as e:
+    except (UserError, ValueError, FileNotFoundError, ExportMismatch) as e:
         raise _user_error(e, code=2) from None
     typer.echo(
         f"wrote {result.path} ({result.format} via {result.exporter}, {result.model_name}, "

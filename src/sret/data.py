@@ -23,11 +23,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.auto_augment import AugmentOp
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from sret.io import UserError
+
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad option, unreadable file); shown as one line."""
 
 
 class BadImageError(UserError):

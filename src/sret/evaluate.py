@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
-from sret.data import IGNORE_LABEL, Preprocess, RGBLoader, SkippedImage, UserError, build_datasets
+from sret.checkpoint import model_from_weights
+from sret.data import IGNORE_LABEL, Preprocess, RGBLoader, SkippedImage, build_datasets
+from sret.io import UserError, atomic_write, read_mapping
 
 
 @torch.no_grad()
@@ -63,19 +65,8 @@ class Trained:
 def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
     """Rebuild the model, its class names and preprocessing from the safetensors metadata (or
     `classes.json` beside it), and read the run's `config.yaml` beside it when there is one."""
-    from sret.checkpoint import create_model, read_metadata
-    from sret.train import read_mapping
-
     path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        meta = read_metadata(path)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-    if "model_name" not in meta:
-        raise UserError(f"{path} does not say which model it holds (not written by `sret train`)")
-    model = create_model(meta["model_name"], checkpoint_path=path, **meta.get("model_args", {}))
+    model, meta = model_from_weights(path)
     info_path = path.parent / "classes.json"  # beside weights written before they carried the info
     info = meta.get("info") or (json.loads(info_path.read_text()) if info_path.is_file() else {})
     num_classes = meta.get("model_args", {}).get("num_classes", getattr(model, "num_classes", 0))
@@ -164,8 +155,6 @@ def plot_confusion(cm: Tensor, classes: list[str], path: Path) -> None:
     """Confusion matrix image via scikit-learn's display (labels shown up to 30 classes)."""
     from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
-
-    from sret.checkpoint import atomic_write
 
     n = len(classes)
     size = min(4 + 0.45 * n, 24)

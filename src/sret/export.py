@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sret.checkpoint import atomic_write, create_model, read_metadata
+from sret.checkpoint import create_model, model_from_weights
+from sret.io import UserError, atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -64,24 +65,17 @@ def build_model(
     With `random_init`, `source` is a model name and the weights stay random (for trying the exporter).
     """
     overrides: dict[str, Any] = {}
-    if random_init:
-        name = model_name or str(source)
-        checkpoint = None
-    else:
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {source} (a model name needs --random-init)")
-        meta = read_metadata(source)
-        name = model_name or meta.get("model_name")
-        if name is None:
-            raise ValueError(f"{source} does not name its architecture: pass --model NAME")
-        overrides.update(meta.get("model_args") or {})
-        checkpoint = source
     if img_size is not None:
         overrides["img_size"] = img_size
     if shuffle is not None:
         overrides["shuffle"] = shuffle
-    model = create_model(name, checkpoint_path=checkpoint, **overrides)
-    return model.eval(), name
+    if random_init:
+        name = model_name or str(source)
+        return create_model(name, **overrides).eval(), name
+    if not Path(source).is_file():
+        raise UserError(f"checkpoint not found: {source} (a model name needs --random-init)")
+    model, meta = model_from_weights(source, model_name, **overrides)
+    return model.eval(), model_name or meta["model_name"]
 
 
 def check_exportable(model: nn.Module, name: str) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
@@ -727,7 +728,6 @@ class SReT(nn.Module):
         self.global_pool = cfg.global_pool
         self.num_features = self.head_hidden_size = cfg.stages[-1].dim
         self.img_size = _pair(cfg.img_size)
-        self.grad_checkpointing = False
 
         dim0 = cfg.stages[0].dim
         if cfg.stem == "conv":
@@ -781,7 +781,6 @@ class SReT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block application (block + its NLL) in backward instead of storing it."""
-        self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
@@ -834,20 +833,22 @@ class SReT(nn.Module):
 
         Args:
             indices: last n stages if an int, else the stage indices to return (all by default).
-            norm: unused (SReT normalises only the pooled vector); kept for the timm signature.
+            norm: apply the final LayerNorm to the last stage's map (over channels, at every position);
+                SReT has no norm of the other stages' widths.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"SReT intermediates are NCHW, got output_fmt={output_fmt!r}")
-        take = _feature_indices(len(self.stages), indices)
+        take, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self._pos_embed(self.patch_embed(x))
-        last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
+        last = max_index if (stop_early or intermediates_only) else len(self.stages) - 1
         for i, stage in enumerate(self.stages[: last + 1]):
             if i:
                 x = self.pools[i - 1](x)
             x = stage(x)
             if i in take:
-                intermediates.append(x)
+                final = norm and i == len(self.stages) - 1
+                intermediates.append(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if final else x)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -856,28 +857,14 @@ class SReT(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages (and head) after the last requested intermediate."""
-        take = _feature_indices(len(self.stages), indices)
-        keep = max(take) + 1
-        self.stages = self.stages[:keep]
-        self.pools = self.pools[: keep - 1]
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        self.pools = self.pools[:max_index]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
         return take
-
-
-def _feature_indices(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
-    if indices is None:
-        return list(range(num_stages))
-    if isinstance(indices, int):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f"cannot take the last {indices} of {num_stages} stages")
-        return list(range(num_stages - indices, num_stages))
-    take = [i % num_stages for i in indices]
-    if any(not -num_stages <= i < num_stages for i in indices):
-        raise ValueError(f"stage indices {list(indices)} out of range for {num_stages} stages")
-    return take
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1057,15 +1044,73 @@ def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
     )
 
 
-def _register(name: str) -> None:
-    def constructor(pretrained: bool = False, **kwargs) -> SReT:
-        return _create_sret(name, pretrained=pretrained, **kwargs)
-
-    constructor.__name__ = constructor.__qualname__ = name
-    constructor.__doc__ = f"SReT variant `{name}` (see sret.model.MODEL_CONFIGS)."
-    constructor.__module__ = __name__
-    globals()[name] = register_model(constructor)
+@register_model
+def sret_t(pretrained: bool = False, **kwargs) -> SReT:
+    """SReT-T, the paper's tiny model: sliced attention, 224 px."""
+    return _create_sret("sret_t", pretrained=pretrained, **kwargs)
 
 
-for _name in MODEL_CONFIGS:
-    _register(_name)
+@register_model
+def sret_t_noslice(pretrained: bool = False, **kwargs) -> SReT:
+    """SReT-T without sliced attention (one group everywhere)."""
+    return _create_sret("sret_t_noslice", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_lt(pretrained: bool = False, **kwargs) -> SReT:
+    """SReT-LT: SReT-T's layout with a wider MLP (ratio 4 instead of 3.6)."""
+    return _create_sret("sret_lt", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_lt_noslice(pretrained: bool = False, **kwargs) -> SReT:
+    """SReT-LT without sliced attention."""
+    return _create_sret("sret_lt_noslice", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_s(pretrained: bool = False, **kwargs) -> SReT:
+    """SReT-S, the paper's small model: sliced attention, 224 px."""
+    return _create_sret("sret_s", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_s_noslice(pretrained: bool = False, **kwargs) -> SReT:
+    """SReT-S without sliced attention."""
+    return _create_sret("sret_s_noslice", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_t_noslice_384(pretrained: bool = False, **kwargs) -> SReT:
+    """Unsliced SReT-T at 384 px (the authors' fine-tuning shape)."""
+    return _create_sret("sret_t_noslice_384", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_s_noslice_384(pretrained: bool = False, **kwargs) -> SReT:
+    """Unsliced SReT-S at 384 px (the authors' fine-tuning shape)."""
+    return _create_sret("sret_s_noslice_384", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_s_noslice_512(pretrained: bool = False, **kwargs) -> SReT:
+    """Unsliced SReT-S at 512 px (the authors' fine-tuning shape)."""
+    return _create_sret("sret_s_noslice_512", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_deep_100(pretrained: bool = False, **kwargs) -> SReT:
+    """Deep recursion: 100 block applications, one NLL per unique block."""
+    return _create_sret("sret_deep_100", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_deep_1000(pretrained: bool = False, **kwargs) -> SReT:
+    """Deep recursion: 1000 block applications, one NLL per unique block."""
+    return _create_sret("sret_deep_1000", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sret_nano(pretrained: bool = False, **kwargs) -> SReT:
+    """A small SReT for 32 px images (the local demos)."""
+    return _create_sret("sret_nano", pretrained=pretrained, **kwargs)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sret.checkpoint import atomic_write
+from sret.io import atomic_write
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:

@@ -23,15 +23,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from sret.data import Augment, Preprocess, UserError, WithIndex, build_datasets, build_mixup, subset
+from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, save_weights
+from sret.data import Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
+from sret.evaluate import collect_logits, scored
+from sret.io import UserError, atomic_write, read_mapping, read_yaml
+from sret.model import MODEL_CONFIGS
+from sret.plots import MetricsLog
 from sret.runtime import has_fused_adam
 from sret.variants import resolve_overrides
 
@@ -133,9 +146,7 @@ class TrainConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.compile != "none":
-            import torch._dynamo
-
-            backends = torch._dynamo.list_backends(exclude_tags=())
+            backends = torch.compiler.list_backends(exclude_tags=())
             if self.compile not in backends:
                 raise UserError(
                     f"compile must be none or a torch.compile backend ({', '.join(backends)}), "
@@ -197,25 +208,6 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
         return resolve_overrides(cfg.model, cfg.model_args)
     except (ValueError, TypeError) as e:
         raise UserError(f"model_args {cfg.model_args}: {e}") from None
-
-
-def read_yaml(text: str, what: str) -> Any:
-    """`yaml.safe_load`, with a syntax error turned into one line that names `what` and the place."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
-        raise UserError(f"cannot parse {what}: {problem}{where}") from None
-
-
-def read_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file that must hold `option: value` pairs (empty file: no options)."""
-    values = read_yaml(path.read_text(), f"{what} {path}") or {}
-    if not isinstance(values, dict):
-        raise UserError(f"{what} {path} must be a mapping of option: value")
-    return values
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
@@ -391,21 +383,15 @@ def soft_distillation_loss(student: Tensor, teacher: Tensor, temperature: float)
 
 def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
     """A frozen teacher: one of our checkpoints, an SReT name plus weights, or any timm model."""
-    import timm
-
-    from sret.checkpoint import create_model, read_metadata
-    from sret.model import MODEL_CONFIGS
-
     name, weights = cfg.teacher, cfg.teacher_checkpoint
     if Path(name).suffix in (".safetensors", ".pth", ".pt"):
         if not Path(name).is_file():
             raise UserError(f"teacher checkpoint not found: {name}")
-        meta = read_metadata(name)
-        if "model_name" not in meta:
+        if "model_name" not in read_metadata(name):
             raise UserError(
                 f"{name} does not name its model: use --teacher NAME --set teacher_checkpoint=FILE"
             )
-        teacher = create_model(meta["model_name"], checkpoint_path=name, **meta.get("model_args", {}))
+        teacher, _ = model_from_weights(name)
     elif name.split(".", 1)[0] in MODEL_CONFIGS:
         if weights is None:
             raise UserError(f"teacher {name} needs weights: --set teacher_checkpoint=FILE")
@@ -426,8 +412,6 @@ def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> n
 
 def load_teacher_logits(path: str, num_samples: int, num_classes: int) -> Tensor:
     """Precomputed teacher logits, one row per training sample in data-set order."""
-    from sret.checkpoint import load_state
-
     try:
         state = load_state(path)
     except (FileNotFoundError, ValueError) as e:
@@ -447,11 +431,6 @@ def compute_teacher_logits(cfg: TrainConfig, out: str | os.PathLike, batch_size:
     Training with the file then skips the teacher's forward pass; the price is that the student's
     images must be unaugmented too, which `sret train` enforces when `teacher_logits` is set.
     """
-    from safetensors.torch import save_file
-
-    from sret.checkpoint import atomic_write
-    from sret.evaluate import collect_logits
-
     if not cfg.teacher:
         raise UserError("which teacher? pass --teacher NAME_OR_CHECKPOINT")
     if Path(out).suffix != ".safetensors":
@@ -478,14 +457,25 @@ class Run:
     """One training run: builds everything from the config, then trains, validates and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, console: Any) -> None:
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3
-
-        from sret.checkpoint import create_model
-
         self.cfg, self.dir, self.d, self.console = cfg, run_dir, d, console
+        train, val = self.build_data()
+        self.build_model()
+        self.build_optimizer()
+        self.build_teacher(len(train))
+        if self.logits is not None:
+            train = WithIndex(train)
+        self.build_loaders(train, val)
+        self.build_schedule()
+        self.build_loss()
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.best_acc1 = -1.0
+        self.history: list[dict[str, float]] = []
+        self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n of the epoch so far (over all ranks)
+        seed_all(cfg.seed + d.rank)
+
+    def build_data(self) -> tuple[Dataset, Dataset]:
+        """The data sets (and the class names and preprocessing every weights file records)."""
+        cfg, d = self.cfg, self.d
         self.pre = Preprocess(img_size=cfg.img_size, crop_pct=cfg.crop_pct)
         augment = Augment(
             enabled=cfg.augment and not cfg.teacher_logits,
@@ -511,7 +501,11 @@ class Run:
         self.batch = cfg.batch_size // d.world_size
         if len(train) < cfg.batch_size:
             raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
+        return train, val
 
+    def build_model(self) -> None:
+        """`model` (the weights), `net` (what trains: DDP and compiled where asked) and `eval_net`."""
+        cfg, d = self.cfg, self.d
         seed_all(cfg.seed)  # identical initial weights on every rank
         self.model_args = dict(num_classes=len(self.classes), img_size=cfg.img_size)
         self.model_args.update(model_overrides(cfg))
@@ -521,15 +515,8 @@ class Run:
         model = create_model(cfg.model, checkpoint_path=cfg.checkpoint, **self.model_args, **options)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing()
-        model.to(d.device)
-        self.model = model
-        # Adam(W) runs as torch's fused kernels where it has them (see sret.runtime.has_fused_adam).
-        adam = cfg.opt.lower() in ("adam", "adamw")
-        fused = {"fused": True} if adam and has_fused_adam(d.device) else {}
-        self.optimizer = create_optimizer_v2(
-            model, opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay, **fused
-        )
-        self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+        self.model = model.to(d.device)
+        self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         if d.world_size > 1:
             if d.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -542,16 +529,33 @@ class Run:
         # the same class in one process (another size or batch) from recompiling with symbolic shapes,
         # which inductor's GPU code generation failed on (torch 2.11, H100).
         self.eval_net = model
-        if cfg.compile != "none":
-            model = torch.compile(model, backend=cfg.compile, dynamic=False)
-        self.net = model
+        self.net = (
+            torch.compile(model, backend=cfg.compile, dynamic=False) if cfg.compile != "none" else model
+        )
 
-        self.teacher = build_teacher(cfg, len(self.classes), d.device) if cfg.teacher else None
+    def build_optimizer(self) -> None:
+        """timm's optimizer; Adam(W) as torch's fused kernel where it has one (sret.runtime)."""
+        cfg = self.cfg
+        adam = cfg.opt.lower() in ("adam", "adamw")
+        fused = {"fused": True} if adam and has_fused_adam(self.d.device) else {}
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay, **fused
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        if cfg.amp == "fp16" and self.d.device.type != "cuda":
+            raise UserError("amp fp16 needs a GPU; use --amp bf16 on CPU")
+
+    def build_teacher(self, train_size: int) -> None:
+        """The distillation teacher: a frozen network, or precomputed logits (or neither)."""
+        cfg = self.cfg
+        self.teacher = build_teacher(cfg, len(self.classes), self.d.device) if cfg.teacher else None
         self.logits = None
         if cfg.teacher_logits:
-            self.logits = load_teacher_logits(cfg.teacher_logits, len(train), len(self.classes))
-            train = WithIndex(train)
+            self.logits = load_teacher_logits(cfg.teacher_logits, train_size, len(self.classes))
 
+    def build_loaders(self, train: Dataset, val: Dataset) -> None:
+        """Training batches in the (seed, epoch) order of EpochSampler; this rank's validation shard."""
+        cfg, d = self.cfg, self.d
         self.sampler = EpochSampler(
             train, d, cfg.seed, self.batch, cfg.repeated_aug, cfg.repeated_aug_full_epoch
         )
@@ -569,6 +573,10 @@ class Run:
             Subset(val, range(d.rank, len(val), d.world_size)), batch_size=self.batch, num_workers=cfg.workers
         )
         self.steps = len(self.sampler) // self.batch
+
+    def build_schedule(self) -> None:
+        """timm's learning-rate schedule, stepped per update (a pure function of the update count)."""
+        cfg = self.cfg
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
             sched=cfg.sched,
@@ -579,6 +587,10 @@ class Run:
             step_on_epochs=False,
             updates_per_epoch=self.steps,
         )
+
+    def build_loss(self) -> None:
+        """Mixup/CutMix with soft targets, else label smoothing, else plain cross-entropy (timm)."""
+        cfg = self.cfg
         self.mixup = build_mixup(
             len(self.classes), cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing
         )
@@ -588,15 +600,6 @@ class Run:
             self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-        if cfg.amp == "fp16" and d.device.type != "cuda":
-            raise UserError("amp fp16 needs a GPU; use --amp bf16 on CPU")
-
-        self.epoch, self.step, self.global_step = 0, 0, 0
-        self.best_acc1 = -1.0
-        self.history: list[dict[str, float]] = []
-        self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n of the epoch so far (over all ranks)
-        seed_all(cfg.seed + d.rank)
 
     # ---- state -----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -607,8 +610,6 @@ class Run:
 
     def save(self, sums: list[float], best: bool = False) -> None:
         """Weights (safetensors) then the training state, each written atomically; rank 0 only."""
-        from sret.checkpoint import atomic_write, save_weights
-
         rngs = [None] * self.d.world_size
         if self.d.world_size > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -718,8 +719,6 @@ class Run:
         else:
             loss.backward()
         if cfg.clip_grad:
-            from timm.utils import dispatch_clip_grad
-
             dispatch_clip_grad(self.model.parameters(), cfg.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -756,8 +755,6 @@ class Run:
     @torch.no_grad()
     def validate(self, model: nn.Module) -> tuple[float, float, float]:
         """Loss, top-1 and top-5 over the whole validation set (each rank a disjoint shard)."""
-        from sret.evaluate import collect_logits, scored
-
         logits, labels = scored(*collect_logits(model, self.val_loader, self.d.device, self.autocast))
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -772,8 +769,6 @@ class Run:
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        from sret.plots import MetricsLog
-
         log = MetricsLog(self.dir, self.d.main, purge_epoch=self.epoch)
         log.write(self.history)
         try:
@@ -815,8 +810,6 @@ class Run:
 
 def make_progress(console: Any, enabled: bool) -> Any:
     """A per-epoch bar with loss, accuracy, images/s and ETA (rich)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -852,8 +845,6 @@ def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
 
 
 def _write_run_files(run: Run, cfg: TrainConfig) -> None:
-    from sret.checkpoint import atomic_write
-
     run.dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(asdict(cfg), sort_keys=False)
     atomic_write(run.dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
@@ -872,8 +863,6 @@ def train(
     A resumed run takes its config from the run folder; `resume_settings` may change only the
     RESUME_SETTINGS in it, since anything else would make it another run.
     """
-    from rich.console import Console
-
     console = console or Console(stderr=True)
     if resume is not None:
         run_dir = Path(resume)

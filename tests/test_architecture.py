@@ -1,0 +1,91 @@
+"""The package's import graph: one-way layers, no circles, no imports hidden inside functions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "sret"
+# Lower layers never import higher ones (docs/architecture.md). Modules of one layer may import each
+# other only where the graph stays acyclic.
+LAYERS = (
+    ("io", "runtime", "native"),
+    ("data", "fused", "plots"),
+    ("model",),
+    ("checkpoint", "variants", "info"),
+    ("evaluate", "export", "bench"),
+    ("train",),
+    ("ablate",),
+    ("__init__", "cli", "__main__"),
+)
+LAZY = ("cli",)  # imports its commands' modules on use, so `sret --help` starts fast
+
+
+def sret_imports(node: ast.AST) -> set[str]:
+    """The sret modules an import statement names (`from sret import x` names module x)."""
+    if isinstance(node, ast.ImportFrom) and node.module == "sret":
+        return {a.name for a in node.names}
+    names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+    return {n.split(".")[1] if "." in n else "__init__" for n in names if n and n.split(".")[0] == "sret"}
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Every module's sret imports, and those of them written inside functions or classes."""
+    graph, nested = {}, {}
+    for path in SRC.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        everywhere = set().union(*(sret_imports(n) for n in imports)) - {path.stem}
+        top = set().union(*(sret_imports(n) for n in tree.body if n in imports)) - {path.stem}
+        graph[path.stem], nested[path.stem] = everywhere, everywhere - top
+    return graph, nested
+
+
+def test_every_module_has_a_layer() -> None:
+    graph, _ = import_graph()
+    assert set(graph) == {m for layer in LAYERS for m in layer}
+
+
+def test_imports_go_down_the_layers_only() -> None:
+    graph, _ = import_graph()
+    level = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    upward = {(m, d) for m, deps in graph.items() for d in deps if level[d] > level[m]}
+    assert not upward, f"modules importing a higher layer: {sorted(upward)}"
+
+
+def test_no_import_circle() -> None:
+    graph, _ = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError(f"import circle: {' -> '.join([*path, module])}")
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            visit(dep, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_no_sret_import_hides_inside_a_function() -> None:
+    _, nested = import_graph()
+    hidden = {m: sorted(deps) for m, deps in nested.items() if deps and m not in LAZY}
+    assert not hidden, f"function-level imports of sret modules: {hidden}"
+
+
+def test_every_zoo_model_has_a_written_out_constructor() -> None:
+    from sret.model import MODEL_CONFIGS
+
+    source = (SRC / "model.py").read_text()
+    tree = ast.parse(source)
+    registered = {
+        f.name
+        for f in tree.body
+        if isinstance(f, ast.FunctionDef)
+        and any(getattr(d, "id", "") == "register_model" for d in f.decorator_list)
+    }
+    assert registered == set(MODEL_CONFIGS)
