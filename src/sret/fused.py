@@ -3,9 +3,9 @@
 Three things make PyTorch's default CPU path slow on SReT's layers, which are narrow (64-256 channels,
 hidden layers of a few hundred, 32-wide attention heads) and many:
 
-- A linear layer's matrix products run in MKL's sgemm. On the AMD EPYC (AVX-512) this project is
-  measured on, oneDNN's GEMM, which PyTorch also ships, runs the same products 1.1-2x faster
-  (`benchmarks/README.md`); most at the 64-channel first stage. Training therefore runs the forward
+- A linear layer's matrix products run in MKL's sgemm. oneDNN's GEMM, which PyTorch also ships, runs
+  the same products faster on the CPUs this project is measured on (`benchmarks/README.md`), most at
+  the 64-channel first stage. Training therefore runs the forward
   product and the input gradient of linear layers through oneDNN (:class:`OneDNNLinear`), wherever
   the product is large enough to repay a oneDNN call (:data:`ONEDNN_MIN_MACS`).
 - In inference, a linear layer costs a bias broadcast-copy into the output before its product and a
@@ -60,9 +60,9 @@ def plain_eager_fp32(x: Tensor) -> bool:
     return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type) and not recording()
 
 
-# Smallest product (multiply-accumulates) given to oneDNN: a oneDNN call costs ~15 us more than
-# torch's default, which outweighs its faster kernel below a few million MACs (sret_nano's layers at
-# batch 64 trained 15 % slower through it).
+# Smallest product (multiply-accumulates) given to oneDNN: a oneDNN call costs more fixed time than
+# torch's default, which outweighs its faster kernel below a few million MACs (sret_nano's layers
+# trained slower through it; benchmarks/README.md).
 ONEDNN_MIN_MACS = 1 << 23
 
 
@@ -174,8 +174,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     sequences in eager fp32 CPU work.
 
     torch's CPU flash-attention kernel works through 32-query blocks one small GEMM at a time; for
-    SReT's 49-token groups with 32-wide heads that took 1.2-1.7x the time of the unfused products,
-    forward and backward, whose attention matrices are small at that length. At 98 tokens (as the
+    SReT's 49-token groups with 32-wide heads that took longer than the unfused products, forward and
+    backward, whose attention matrices are small at that length (benchmarks/README.md). At 98 tokens (as the
     model lays them out) the fused kernel was as fast or faster timed alone, and even within noise in
     the whole model; it keeps memory flat, so it runs there.
 

@@ -345,8 +345,8 @@ class TokenLayout(nn.Module):
 
 class TokenPermutation(torch.autograd.Function):
     """`x[:, index]` for a permutation `index` with a known `inverse`: its backward is the inverse
-    gather (a copy), where autograd's generic one scatter-adds (an accumulating index_put, ~3x slower
-    on CPU for the same result)."""
+    gather (a copy), where autograd's generic one scatter-adds (an accumulating index_put, several
+    times slower on CPU for the same result)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
@@ -459,8 +459,8 @@ class HiddenRecomputed(torch.autograd.Function):
 
     Plain autograd holds both `h` (for GELU's gradient) and `gelu(h)` (for fc2's weight gradient), two
     hidden-sized tensors per MLP; here fc2's weight gradient recomputes `gelu(h)`, one elementwise
-    pass. In fp32 training that cut sret_t's activation memory at batch 32 from 1485 to 1194 MiB,
-    with no measurable change in step time.
+    pass: a fifth less activation memory in sret_t's fp32 training, at no measurable cost in step
+    time (benchmarks/README.md).
     """
 
     @staticmethod
@@ -488,8 +488,7 @@ class FeedForward(nn.Module):
     :mod:`sret.fused` can).
 
     The zoo's hidden widths (230, 921, 378, ...) are rarely multiples of 8, and CPU GEMM kernels are
-    several times slower on such widths (a 64 -> 230 layer ran at a third of the speed of 64 -> 232 in
-    our measurements). So the hidden layer runs padded with zero units up to a multiple of 8: they
+    several times slower on such widths (benchmarks/README.md). So the hidden layer runs padded with zero units up to a multiple of 8: they
     output GELU(0) = 0 into zero weights and change nothing, while the stored weights keep the
     official shapes.
     """

@@ -4,8 +4,8 @@ SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads.
 fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
 pays full passes for the head split and merge copies. The C kernel attends one (group, head) pair at
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
-the layout of the next projection: measured on a 2-core AVX-512 CPU it took 0.3-0.5x the time of
-torch's path at the zoo's shapes, forward and backward (`benchmarks/README.md`).
+the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
+forward and backward (`benchmarks/README.md`).
 
 The MLP's backward (:class:`sret.model.HiddenRecomputed`) needs the GELU recomputed, the gradient
 through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three.

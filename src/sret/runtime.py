@@ -3,8 +3,8 @@
 PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks above its mmap threshold
 (128 KiB to 32 MiB, adaptive) with fresh mmap'd pages and hands them back on free, so every large
 activation of every layer is page-faulted and zeroed by the kernel again. A SReT at 224 px allocates
-hundreds of such blocks per step: measured on a 2-core machine, this alone made sret_t inference
-about 6x slower than with blocks reused from the heap. Raising the thresholds keeps freed blocks in
+hundreds of such blocks per step, and the page faults alone cost more time than the layers' math
+(the measurement is in benchmarks/README.md). Raising the thresholds keeps freed blocks in
 the heap for reuse, which is what jemalloc or tcmalloc would give with LD_PRELOAD.
 
 Also here, shared by training and the benchmark: which devices have torch's fused optimizer kernels;
@@ -82,7 +82,7 @@ def has_fused_adam(device: torch.device | str) -> bool:
 
     One fused kernel over all parameters instead of a launch (CUDA) or a pass (CPU) per tensor and
     per update term: SReT has about twice deit_tiny's parameter tensors (a residual scalar pair per
-    block, an NLL per application), and on a 2-core CPU sret_t's optimizer step took 4.6 ms fused
-    against 15.5 ms with torch's default (foreach) implementation.
+    block, an NLL per application); the fused step takes a fraction of the default (foreach) one's time
+    (benchmarks/README.md).
     """
     return torch.device(device).type in ("cpu", "cuda")
