@@ -488,9 +488,9 @@ class FeedForward(nn.Module):
     :mod:`sret.fused` can).
 
     The zoo's hidden widths (230, 921, 378, ...) are rarely multiples of 8, and CPU GEMM kernels are
-    several times slower on such widths (benchmarks/README.md). So the hidden layer runs padded with zero units up to a multiple of 8: they
-    output GELU(0) = 0 into zero weights and change nothing, while the stored weights keep the
-    official shapes.
+    several times slower on such widths (benchmarks/README.md). So the hidden layer runs padded with
+    zero units up to a multiple of 8: they output GELU(0) = 0 into zero weights and change nothing,
+    while the stored weights keep the official shapes.
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
