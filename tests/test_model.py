@@ -639,3 +639,32 @@ def test_group_matcher_supports_layer_decay() -> None:
     scales = sorted({round(g["lr_scale"], 4) for g in optimizer.param_groups})
     assert scales == [round(0.75**k, 4) for k in (4, 3, 2, 1, 0)]  # stem, three stages, head
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+# ---- FX symbolic tracing (feature extraction and detection tooling) -----------------------------
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_every_zoo_model_fx_traces_and_matches_eager(name: str) -> None:
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    size = 32 if name in ("sret_nano", "sret_deep_100", "sret_deep_1000") else 64  # small and quick
+    model = timm.create_model(name, img_size=size, num_classes=7).eval()
+    x = torch.randn(2, 3, size, size)
+    _, nodes = get_graph_node_names(model)
+    traced = create_feature_extractor(model, return_nodes=[nodes[-1], "stages.1"])
+    with torch.no_grad():
+        out = traced(x)
+        logits = model(x)
+        stage = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+    torch.testing.assert_close(out[nodes[-1]], logits, rtol=0, atol=0)
+    torch.testing.assert_close(out["stages.1"], stage, rtol=0, atol=0)
+
+
+def test_fx_feature_extraction_through_timm() -> None:
+    torch.manual_seed(0)
+    fx = timm.create_model("sret_nano", features_only=True, feature_cls="fx").eval()
+    torch.manual_seed(0)
+    getter = timm.create_model("sret_nano", features_only=True).eval()  # the same weights
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(fx(x), getter(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

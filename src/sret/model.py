@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+    register_notrace_module,
+)
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -594,6 +600,7 @@ class NonLinearProjection(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Stem, pooling, stage
 # --------------------------------------------------------------------------------------------------
+@register_notrace_module  # an FX leaf: its kernel choice reads the input's dtype and mode
 class ConvStem(nn.Module):
     """Three 3x3 stride-2 conv-BN-ReLU layers: in_chans -> dim/2 -> dim -> dim, stride 8.
 
@@ -637,6 +644,7 @@ class ConvPool(nn.Module):
         return self.conv(x)
 
 
+@register_notrace_module  # an FX leaf (the unit of feature extraction): its layouts depend on shapes
 class SReTStage(nn.Module):
     """Unique blocks, NLLs and per-application token layouts, run in the order of a RecursionSchedule."""
 
@@ -697,6 +705,14 @@ class SReTStage(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
+@register_notrace_function  # a shape test: FX tracers record the call instead of tracing into it
+def resized_pos_embed(pos: Tensor, x: Tensor) -> Tensor:
+    """The 2-D positional embedding at the spatial size of `x` (bicubic, as timm resamples)."""
+    if pos.shape[-2:] == x.shape[-2:]:
+        return pos
+    return F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -796,10 +812,7 @@ class SReT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _pos_embed(self, x: Tensor) -> Tensor:
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        return self.pos_drop(x + pos)
+        return self.pos_drop(x + resized_pos_embed(self.pos_embed, x))
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem and all stages; returns the last stage's NCHW map."""
