@@ -85,28 +85,45 @@ def save_weights(
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load our safetensors or the official layout into `model` (format detected from the keys).
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, new_head: bool = False
+) -> nn.Module:
+    """Load our safetensors or the official layout into `model` (format detected from the keys)."""
+    return load_weights(model, load_state(path), path, strict, new_head)
 
-    A classifier whose shape differs from the checkpoint's (fine-tuning to another class count) is
-    kept freshly initialised, with a log line saying so.
+
+def load_weights(
+    model: nn.Module, state: dict[str, Tensor], source: Any, strict: bool = True, new_head: bool = False
+) -> nn.Module:
+    """Load a state dict read from `source` into `model`.
+
+    A classifier whose shape differs from the checkpoint's is an error naming both shapes, unless
+    `new_head` (the caller asked for another class count: fine-tuning), when it stays freshly
+    initialised with a log line saying so.
     """
-    state = checkpoint_filter_fn(load_state(path), model)
+    state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
-        if key in state and (key not in own or state[key].shape != own[key].shape):
-            _logger.info("not loading %s from %s: shape differs (new classifier)", key, path)
-            state.pop(key)
-            strict = False
+        if key not in state or (key in own and state[key].shape == own[key].shape):
+            continue
+        if not new_head:
+            mine = tuple(own[key].shape) if key in own else "none"
+            raise ValueError(
+                f"checkpoint {source} has a classifier {key} of shape {tuple(state[key].shape)}, the model "
+                f"{mine}: give num_classes={state[key].shape[0]} to keep it, or another count for a new one"
+            )
+        _logger.info("not loading %s from %s: shape differs (new classifier)", key, source)
+        state.pop(key)
+        strict = False
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = str(e).strip().splitlines()[-1].strip()
-        raise ValueError(f"checkpoint {path} does not fit this model: {detail}") from None
+        raise ValueError(f"checkpoint {source} does not fit this model: {detail}") from None
     missing = [k for k in missing if not (k.startswith("head.") and not strict)]
     if strict and (missing or unexpected):
         raise ValueError(
-            f"checkpoint {path} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
+            f"checkpoint {source} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}"
         )
     return model
@@ -133,13 +150,23 @@ def model_from_weights(
     if name is None:
         raise UserError(f"{path} does not say which model it holds: name the architecture (--model NAME)")
     stored = meta.get("model_args", {}) if name == meta.get("model_name") else {}
-    return create_model(name, checkpoint_path=path, **{**stored, **overrides}), meta
+    args = {**stored, **overrides}
+    try:
+        state = load_state(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    head = state.get("head.weight")
+    if "num_classes" not in args and head is not None:
+        args["num_classes"] = head.shape[0]  # a file without metadata: its own classifier decides
+    model = create_model(name, **args)
+    return load_weights(model, state, path, new_head=False), meta
 
 
 def create_model(
     name: str,
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
+    new_head: bool | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered SReT variant, optionally loading weights.
@@ -149,6 +176,9 @@ def create_model(
             is accepted).
         pretrained: load weights; they are not bundled, so `checkpoint_path` must name the file.
         checkpoint_path: our safetensors or the authors' `.pth` (detected automatically).
+        new_head: whether a checkpoint classifier of another shape is replaced by a new one (default:
+            when `num_classes` is given, i.e. fine-tuning to another class count); otherwise such a
+            checkpoint is an error naming both shapes.
         overrides: replace config fields (num_classes, img_size, shuffle, drop_path_rate, ...).
     """
     arch = name.split(".", 1)[0]
@@ -160,5 +190,7 @@ def create_model(
         )
     model = timm.create_model(name, pretrained=False, **overrides)
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        load_checkpoint(
+            model, checkpoint_path, new_head="num_classes" in overrides if new_head is None else new_head
+        )
     return model

@@ -395,7 +395,9 @@ def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> n
     elif name.split(".", 1)[0] in MODEL_CONFIGS:
         if weights is None:
             raise UserError(f"teacher {name} needs weights: --set teacher_checkpoint=FILE")
-        teacher = create_model(name, checkpoint_path=weights, num_classes=num_classes, img_size=cfg.img_size)
+        teacher = create_model(
+            name, checkpoint_path=weights, new_head=False, num_classes=num_classes, img_size=cfg.img_size
+        )  # a teacher's classifier must be its own: a mismatch is an error, not a random head
     else:
         overlay = {"file": weights} if weights else None
         try:
