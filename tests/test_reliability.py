@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import sret
-from sret.checkpoint import create_model, model_from_weights, save_weights
+from sret.checkpoint import create_model, load_state, model_from_weights, save_weights
 from sret.cli import app
 from sret.io import UserError
 
@@ -89,3 +96,183 @@ def test_a_teacher_without_its_own_classifier_is_refused(ten_classes, tmp_path: 
         train(cfg)
     with pytest.raises(UserError, match="checkpoint not found"):
         model_from_weights(tmp_path / "missing.safetensors")
+
+
+def test_non_finite_images_give_non_finite_logits_whatever_the_batch() -> None:
+    model = sret.create_model("sret_t").eval()  # its stem is large enough for the fused convolutions
+    x = torch.randn(3, 3, 224, 224)
+    x[1, 0, 5, 5], x[2, 1, 3, 3] = float("nan"), float("inf")
+    with torch.no_grad():
+        batch, alone = model(x), model(x[:1])
+    assert torch.isnan(batch[1:]).all() and torch.isfinite(batch[0]).all()
+    torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "train_subset=128", "--set", "val_subset=64", "--set", "threads=1", "--batch-size", "32"]
+
+
+def sret_cli(*args: str, limit_kib: int | None = None, **kwargs) -> subprocess.CompletedProcess:
+    command = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "sret", *args))
+    if limit_kib is not None:
+        command = f"ulimit -f {limit_kib}; {command}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env, **kwargs
+    )
+
+
+def kill_after_first_checkpoint(run: Path, *args: str) -> None:
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "sret", *args],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "last_state.pt").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+
+
+def consistent_pair(run: Path) -> int:
+    """The step of the checkpoint on disk, after checking weights and training state belong together."""
+    state = torch.load(run / "last_state.pt", weights_only=True)
+    weights = load_state(run / "last.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in state["model"].items())
+    return state["global_step"]
+
+
+def test_a_save_on_a_full_disk_is_one_line_and_keeps_the_previous_pair(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    args = [
+        "train",
+        "--output",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--epochs",
+        "4",
+        "--save-every-steps",
+        "2",
+        *SMALL,
+    ]
+    kill_after_first_checkpoint(run, *args)
+    step = consistent_pair(run)
+    # the weights file (1.8 MB) still fits under 3 MB, the training state (5.4 MB) does not
+    full = sret_cli("train", "--resume", str(run), limit_kib=3000, timeout=300)
+    assert full.returncode == 1, full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: cannot write {run / 'last_state.pt'}: File too large; the previous file is kept"
+    ]
+    assert "Traceback" not in full.stderr
+    assert consistent_pair(run) == step  # nothing changed: the weights were not switched alone
+    assert not list(run.glob(".*.tmp"))
+    resumed = sret_cli("train", "--resume", str(run), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert consistent_pair(run) == 16
+
+
+def test_every_metrics_column_matches_after_a_mid_epoch_kill(tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "3",
+        "--save-every-steps",
+        "3",
+        *SMALL,
+        "--set",
+        "warmup_epochs=1",
+    ]
+    straight = sret_cli(*args, "--name", "straight", timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    kill_after_first_checkpoint(tmp_path / "killed", *args, "--name", "killed")
+    assert torch.load(tmp_path / "killed" / "last_state.pt", weights_only=True)["step"] == 3  # mid-epoch
+    resumed = sret_cli("train", "--resume", str(tmp_path / "killed"), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in ("time_s", "img_per_s")}
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("straight", "killed")
+    ]
+    assert rows[0] == rows[1]  # lr included: each epoch's learning rate at its start
+
+
+def test_files_are_written_with_the_umask_and_stale_temporaries_go(tmp_path: Path) -> None:
+    from sret.io import atomic_write, remove_stale_temporaries
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    (tmp_path / ".curves.png.abc123.tmp").write_text("left by a kill")
+    assert remove_stale_temporaries(tmp_path) == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_decompression_bomb_is_a_bad_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from sret.data import BadImageError, RGBLoader, SkippedImage
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (400, 400)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 400 x 400 is then a "bomb", as 20000 x 20000 is
+    with pytest.raises(BadImageError, match=r"bomb\.png"):
+        RGBLoader(strict=True)(str(path))
+    with pytest.raises(SkippedImage):
+        RGBLoader(strict=False)(str(path))
+
+
+def test_the_start_line_says_what_runs_and_warns(tmp_path: Path) -> None:
+    result = sret_cli(
+        "train",
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--model",
+        "sret_t",
+        *SMALL,
+        "--set",
+        "img_size=32",
+        "--set",
+        "val_subset=32",
+        timeout=300,
+    )
+    said = " ".join(result.stderr.split())
+    assert "sret_t at 32 px on digits (10 classes, 128 training / 32 validation images), 2 epochs" in said
+    assert "warning: warmup_epochs (3) >= epochs (2)" in said
+    assert "warning: sret_t is built for 224 px and trains here at 32 px" in said
+
+
+def test_a_one_class_folder_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32)).save(tmp_path / split / "only" / f"{i}.png")
+    result = sret_cli(
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "runs"),
+        "--batch-size",
+        "2",
+        timeout=300,
+    )
+    assert (
+        result.returncode == 1 and "imagefolder has 1 class: a classifier needs at least two" in result.stderr
+    )

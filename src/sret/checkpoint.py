@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import Tensor, nn
 
 import sret.model  # noqa: F401  (registers the variants with timm)
-from sret.io import UserError, atomic_write
+from sret.io import UserError, atomic_write, write_bytes
 from sret.model import MODEL_CONFIGS, checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
@@ -74,6 +75,16 @@ def save_weights(
 ) -> None:
     """Save weights as safetensors, with the model name and arguments needed to rebuild it and `info`
     (class names and preprocessing, from `sret train`), so the file alone is enough to predict with."""
+    atomic_write(path, weights_writer(model, model_name, model_args, info))
+
+
+def weights_writer(
+    model: nn.Module,
+    model_name: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Callable[[str], None]:
+    """What :func:`save_weights` writes, as a `write(path)` for :func:`sret.io.atomic_writes`."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {}
     if model_name:
@@ -82,7 +93,7 @@ def save_weights(
         meta["model_args"] = json.dumps(model_args)
     if info:
         meta["info"] = json.dumps(info)
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return write_bytes(save(state, metadata=meta))
 
 
 def load_checkpoint(

@@ -144,7 +144,7 @@ class RGBLoader:
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if self.strict:
                 raise BadImageError(
                     f"cannot read image {path}: {e} (use --skip-bad-images to skip such files)"

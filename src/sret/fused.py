@@ -22,9 +22,11 @@ transforms) the plain ops run, so graphs and exports never see these kernels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -212,10 +214,31 @@ def qkv_attention(
     return attention(q, k, v, mask, dropout_p, scale).transpose(1, 2).reshape(B, N, dim)
 
 
-def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
-    """`relu(conv2d(x, weight, bias, stride, padding))`, in one oneDNN kernel in CPU inference."""
-    macs = x.shape[0] * (x.shape[-2] // stride) * (x.shape[-1] // stride) * weight.numel()
-    if use_onednn(x, macs) and not torch.is_grad_enabled():
-        pair = [padding, padding], [stride, stride], [1, 1]
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *pair, 1, "relu", [], "")
-    return F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), inplace=True)
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of `bn(conv(x))` as one convolution, using the running statistics."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return conv.weight * scale[:, None, None, None], (bias - bn.running_mean) * scale + bn.bias
+
+
+def conv_bn_relu_applies(x: Tensor) -> bool:
+    """Whether :func:`conv_bn_relu` may run on the input `x`: eager fp32 CPU inference on a finite
+    input. oneDNN's fused ReLU maps NaN to 0 where torch's keeps it, so an input with a non-finite
+    value takes the plain ops and gives their result, whatever else is in the batch."""
+    return use_onednn(x) and not torch.is_grad_enabled() and bool(torch.isfinite(x).all())
+
+
+def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Tensor:
+    """`relu(bn(conv(x)))` for each (conv, bn) in turn, in inference: BatchNorm folded into the
+    convolution (a weight-sized computation instead of a pass over the activations) and the ReLU run
+    inside oneDNN's kernel where the product is large enough to gain from it."""
+    for conv, bn in layers:
+        weight, bias = fold_batchnorm(conv, bn)
+        (stride, _), (padding, _) = conv.stride, conv.padding
+        macs = x.shape[0] * (x.shape[-2] // stride) * (x.shape[-1] // stride) * weight.numel()
+        if use_onednn(x, macs):
+            pair = [padding, padding], [stride, stride], [1, 1]
+            x = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *pair, 1, "relu", [], "")
+        else:
+            x = F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), inplace=True)
+    return x

@@ -618,19 +618,12 @@ class ConvStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            if self.training:
-                x = F.relu(bn(conv(x)), inplace=True)
-            else:
-                x = fused.conv2d_relu(x, *fold_batchnorm(conv, bn), stride=2, padding=1)
+        layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
+        if not self.training and fused.conv_bn_relu_applies(x):
+            return fused.conv_bn_relu(x, layers)
+        for conv, bn in layers:
+            x = F.relu(bn(conv(x)), inplace=True)
         return x
-
-
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Weight and bias of `bn(conv(x))` as one convolution, using the running statistics."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return conv.weight * scale[:, None, None, None], (bias - bn.running_mean) * scale + bn.bias
 
 
 class ConvPool(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import random
@@ -39,10 +40,18 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, save_weights
+from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, weights_writer
 from sret.data import Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
 from sret.evaluate import collect_logits, scored
-from sret.io import UserError, atomic_write, read_mapping, read_yaml
+from sret.io import (
+    UserError,
+    atomic_write,
+    atomic_writes,
+    read_mapping,
+    read_yaml,
+    remove_stale_temporaries,
+    write_bytes,
+)
 from sret.model import MODEL_CONFIGS
 from sret.plots import MetricsLog
 from sret.runtime import has_fused_adam
@@ -471,6 +480,7 @@ class Run:
         self.build_loss()
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best_acc1 = -1.0
+        self.epoch_lr = 0.0  # the learning rate at the start of the current epoch (metrics' `lr`)
         self.history: list[dict[str, float]] = []
         self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n of the epoch so far (over all ranks)
         seed_all(cfg.seed + d.rank)
@@ -503,6 +513,8 @@ class Run:
         self.batch = cfg.batch_size // d.world_size
         if len(train) < cfg.batch_size:
             raise UserError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
+        if len(self.classes) < 2:
+            raise UserError(f"{cfg.dataset} has {len(self.classes)} class: a classifier needs at least two")
         return train, val
 
     def build_model(self) -> None:
@@ -611,7 +623,8 @@ class Run:
         return torch.autocast(self.d.device.type, dtype=dtype)
 
     def save(self, sums: list[float], best: bool = False) -> None:
-        """Weights (safetensors) then the training state, each written atomically; rank 0 only."""
+        """Weights (safetensors) and the training state, written together (all files or none change,
+        see sret.io.atomic_writes); rank 0 only."""
         rngs = [None] * self.d.world_size
         if self.d.world_size > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -620,11 +633,12 @@ class Run:
         if not self.d.main:
             return
         described = (self.cfg.model, self.model_args, self.info)
-        save_weights(self.model, self.dir / "last.safetensors", *described)
+        weights = weights_writer(self.model, *described)
+        files = [(self.dir / "last.safetensors", weights)]
         if best:
-            save_weights(self.model, self.dir / "best.safetensors", *described)
+            files.append((self.dir / "best.safetensors", weights))
         if self.ema is not None:
-            save_weights(self.ema.module, self.dir / "last_ema.safetensors", *described)
+            files.append((self.dir / "last_ema.safetensors", weights_writer(self.ema.module, *described)))
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -634,12 +648,16 @@ class Run:
             "step": self.step,
             "global_step": self.global_step,
             "best_acc1": self.best_acc1,
+            "epoch_lr": self.epoch_lr,
             "history": self.history,
             "sums": sums,
             "rng": rngs,
             "world_size": self.d.world_size,
         }
-        atomic_write(self.dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        files.append((self.dir / STATE_FILE, write_bytes(buffer.getvalue())))
+        atomic_writes(files)
 
     def load(self) -> None:
         path = self.dir / STATE_FILE
@@ -655,6 +673,7 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.best_acc1, self.history = state["best_acc1"], state["history"]
+        self.epoch_lr = state.get("epoch_lr", self.epoch_lr)
         self.sums = state["sums"] if self.d.main else [0.0, 0.0, 0.0]
         rngs = state["rng"]
         set_rng_state(rngs[self.d.rank] if len(rngs) == self.d.world_size else rngs[0])
@@ -791,7 +810,9 @@ class Run:
         return self.history[-1] if self.history else {}
 
     def run_epoch(self, progress: Any) -> dict[str, float]:
-        lr = self.optimizer.param_groups[0]["lr"]
+        if self.step == 0:  # a resumed epoch keeps the learning rate it started with
+            self.epoch_lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.epoch_lr
         train_loss, train_acc, rate, seconds = self.train_epoch(progress)
         val_loss, acc1, acc5 = self.validate(self.eval_net)
         row = dict(
@@ -830,6 +851,30 @@ def summary_line(row: dict[str, float], epochs: int) -> str:
         f"val loss {row['val_loss']:.4f} acc1 {row['val_acc1']:.4f} acc5 {row['val_acc5']:.4f}{ema}  "
         f"lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  {row['time_s']:.1f}s"
     )
+
+
+def start_lines(run: Run) -> list[str]:
+    """What the run is, resolved (model, resolution, data, schedule), and warnings where a setting
+    cannot do what it says."""
+    cfg, d = run.cfg, run.d
+    lines = [
+        f"run {run.dir}: {cfg.model} at {cfg.img_size} px on {cfg.dataset} ({len(run.classes)} classes, "
+        f"{len(run.sampler.inner.dataset)} training / {len(run.val_loader.dataset)} validation images), "
+        f"{cfg.epochs} epochs x {run.steps} steps (warm-up {cfg.warmup_epochs}), batch {cfg.batch_size}, "
+        f"lr {cfg.effective_lr:.2e}, {d.world_size}x {d.device}"
+    ]
+    if cfg.warmup_epochs >= cfg.epochs:
+        lines.append(
+            f"[yellow]warning: warmup_epochs ({cfg.warmup_epochs}) >= epochs ({cfg.epochs}): the learning "
+            f"rate never reaches its peak {cfg.effective_lr:.2e}[/]"
+        )
+    native = run.model.pretrained_cfg.get("input_size", (3, cfg.img_size))[-1]
+    if native != cfg.img_size and not cfg.checkpoint:
+        lines.append(
+            f"[yellow]warning: {cfg.model} is built for {native} px and trains here at {cfg.img_size} px "
+            f"(the recipe's img_size; --set img_size={native} for the model's own)[/]"
+        )
+    return lines
 
 
 def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
@@ -892,10 +937,9 @@ def train(
         elif d.main:  # a new run, or one killed before its first checkpoint: start from the beginning
             _write_run_files(run, cfg)
         if d.main:
-            console.print(
-                f"run {run_dir}: {cfg.model} on {cfg.dataset} ({len(run.classes)} classes), "
-                f"{cfg.epochs} epochs x {run.steps} steps, batch {cfg.batch_size}, {d.world_size}x {d.device}"
-            )
+            remove_stale_temporaries(run_dir)  # of writes a kill interrupted
+            for line in start_lines(run):
+                console.print(line)
         try:
             final = run.fit()
         except KeyboardInterrupt:
