@@ -15,10 +15,12 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import random
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, weights_writer
-from sret.data import Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
+from sret.data import DATASETS, Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
 from sret.evaluate import collect_logits, scored
 from sret.io import (
     UserError,
@@ -148,30 +150,41 @@ class TrainConfig:
         return self.lr * self.batch_size / self.lr_base_batch if self.lr_base_batch else self.lr
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
-        if self.lr <= 0:
-            raise UserError(f"lr must be > 0, got {self.lr}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise UserError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.compile != "none":
-            backends = torch.compiler.list_backends(exclude_tags=())
-            if self.compile not in backends:
-                raise UserError(
-                    f"compile must be none or a torch.compile backend ({', '.join(backends)}), "
-                    f"got {self.compile!r}"
-                )
-        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
-            raise UserError("distill_alpha must be in [0, 1] and distill_temperature > 0")
+        """Every option against its meaning (see RULES), then the combinations; one UserError whose
+        single line names each problem."""
+        problems = [
+            f"{name} {problem}, got {getattr(self, name)!r}"
+            for name, rule in RULES.items()
+            if (problem := rule(getattr(self, name))) is not None
+        ]
         if self.teacher and self.teacher_logits:
-            raise UserError("give either a teacher or precomputed teacher logits, not both")
+            problems.append("give either a teacher or precomputed teacher logits, not both")
         if self.teacher_logits and (self.mixup > 0 or self.cutmix > 0):
-            raise UserError("precomputed teacher logits are for unmixed images: set mixup=0 and cutmix=0")
-        if self.shuffle not in (None, "random", "fixed", "none"):
-            raise UserError(f"shuffle must be random, fixed or none, got {self.shuffle!r}")
-        if self.repeated_aug < 1:
-            raise UserError(f"repeated_aug must be >= 1 (1: off, DeiT: 3), got {self.repeated_aug}")
+            problems.append("precomputed teacher logits are for unmixed images: set mixup=0 and cutmix=0")
+        if self.teacher_checkpoint and not self.teacher:
+            problems.append("teacher_checkpoint needs a teacher (a model name)")
+        if problems:
+            raise UserError("; ".join(problems))
         model_overrides(self)
+        self.augmentation()
+
+    def augmentation(self) -> Augment:
+        """The training augmentation; building it checks the RandAugment/AutoAugment string."""
+        augment = Augment(
+            enabled=self.augment and not self.teacher_logits,
+            scale=tuple(self.scale),
+            hflip=self.hflip,
+            color_jitter=self.color_jitter,
+            auto_augment=self.aa,
+            re_prob=self.reprob,
+            re_mode=self.remode,
+            re_count=self.recount,
+        )
+        try:
+            augment.train_transform(Preprocess(img_size=self.img_size, crop_pct=self.crop_pct))
+        except (ValueError, AssertionError, KeyError, IndexError) as e:
+            raise UserError(f"aa {self.aa!r} is not a timm augmentation policy ({e})") from None
+        return augment
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -183,8 +196,147 @@ class TrainConfig:
         return cls(**{k: _coerce(k, types[k], v) for k, v in values.items()})
 
 
+Rule = Callable[[Any], "str | None"]  # the problem with a value, or None
+
+
+def at_least(low: float, optional: bool = False) -> Rule:
+    def rule(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        return None if math.isfinite(value) and value >= low else f"must be a finite number >= {low}"
+
+    return rule
+
+
+def above(low: float, optional: bool = False) -> Rule:
+    def rule(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        return None if math.isfinite(value) and value > low else f"must be a finite number > {low}"
+
+    return rule
+
+
+def within(low: float, high: float, high_open: bool = False) -> Rule:
+    def rule(value: Any) -> str | None:
+        ok = low <= value < high if high_open else low <= value <= high
+        return None if ok else f"must be in [{low}, {high}{')' if high_open else ']'}"
+
+    return rule
+
+
+def one_of(*choices: Any) -> Rule:
+    def rule(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+
+    return rule
+
+
+def anything(_: Any) -> None:
+    return None
+
+
+def existing_file(value: str | None) -> str | None:
+    return None if value is None or Path(value).is_file() else "must name an existing file"
+
+
+def known_model(value: str) -> str | None:
+    return (
+        None if value.split(".", 1)[0] in MODEL_CONFIGS else f"must be an SReT ({', '.join(MODEL_CONFIGS)})"
+    )
+
+
+def crop_scale(value: list[float]) -> str | None:
+    ok = len(value) == 2 and 0 < value[0] <= value[1] <= 1
+    return None if ok else "must be [low, high] with 0 < low <= high <= 1"
+
+
+def device_name(value: str) -> str | None:
+    ok = value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None
+    return None if ok else "must be auto, cpu, cuda or cuda:N"
+
+
+def compile_backend(value: str) -> str | None:
+    backends = torch.compiler.list_backends(exclude_tags=())
+    return None if value == "none" or value in backends else f"must be none or one of {', '.join(backends)}"
+
+
+def optimizer_name(value: str) -> str | None:
+    return None if value.lower() in list_optimizers() else "must be one of timm's optimizers (timm.optim)"
+
+
+def run_name(value: str | None) -> str | None:
+    ok = value is None or (value.strip() and "/" not in value and value not in (".", ".."))
+    return None if ok else "must be a folder name (no '/')"
+
+
+# The meaning of every option: its value must pass this (tested option by option).
+RULES: dict[str, Rule] = {
+    "model": known_model,
+    "dataset": one_of(*DATASETS),
+    "data_dir": anything,  # checked when the data set is read, with the data set's own message
+    "img_size": at_least(8),
+    "crop_pct": within(0.05, 1.0),
+    "val_fraction": within(0.01, 0.99),
+    "train_subset": at_least(1, optional=True),
+    "val_subset": at_least(1, optional=True),
+    "skip_bad_images": anything,
+    "checkpoint": anything,  # read only when a run starts (a resumed run has its weights): checked then
+    "model_args": anything,  # resolved against the model (sret.variants)
+    "drop_path": within(0.0, 1.0, high_open=True),
+    "drop": within(0.0, 1.0, high_open=True),
+    "shuffle": one_of(None, "random", "fixed", "none"),
+    "grad_checkpointing": anything,
+    "epochs": at_least(1),
+    "batch_size": at_least(1),
+    "lr": above(0.0),
+    "lr_base_batch": at_least(1, optional=True),
+    "min_lr": at_least(0.0),
+    "warmup_epochs": at_least(0),
+    "warmup_lr": at_least(0.0),
+    "sched": one_of("cosine", "tanh", "step", "multistep", "plateau", "poly"),
+    "opt": optimizer_name,
+    "weight_decay": at_least(0.0),
+    "clip_grad": above(0.0, optional=True),
+    "smoothing": within(0.0, 1.0, high_open=True),
+    "mixup": at_least(0.0),
+    "cutmix": at_least(0.0),
+    "mixup_prob": within(0.0, 1.0),
+    "mixup_switch_prob": within(0.0, 1.0),
+    "augment": anything,
+    "scale": crop_scale,
+    "hflip": within(0.0, 1.0),
+    "color_jitter": at_least(0.0),
+    "aa": anything,  # checked by building the transform (TrainConfig.augmentation)
+    "reprob": within(0.0, 1.0),
+    "remode": one_of("pixel", "rand", "const"),
+    "recount": at_least(1),
+    "model_ema": anything,
+    "model_ema_decay": within(0.0, 1.0, high_open=True),
+    "repeated_aug": at_least(1),
+    "repeated_aug_full_epoch": anything,
+    "teacher": anything,  # a checkpoint, an SReT or any timm model: checked when it is built
+    "teacher_checkpoint": existing_file,
+    "teacher_logits": existing_file,
+    "distill_alpha": within(0.0, 1.0),
+    "distill_temperature": above(0.0),
+    "amp": one_of("none", "bf16", "fp16"),
+    "compile": compile_backend,
+    "device": device_name,
+    "seed": within(0, 2**32 - 1),
+    "workers": at_least(0),
+    "threads": at_least(1, optional=True),
+    "output": anything,
+    "name": run_name,
+    "save_every_steps": at_least(0),
+}
+
+
 def _coerce(name: str, kind: str, value: Any) -> Any:
-    """Check a YAML/CLI value against the field type (YAML reads `5e-4` as text, so convert numbers)."""
+    """Check a YAML/CLI value against the field type (YAML reads `5e-4` as text, so convert numbers).
+
+    A boolean is never a number (`lr=true` is refused, not 1.0), and an integer must be a finite whole
+    number."""
     try:
         if value is None:
             if "None" not in kind:
@@ -194,6 +346,8 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
+        if kind.startswith(("float", "int", "list")) and isinstance(value, bool):
+            raise ValueError
         if kind.startswith("float"):
             return float(value)
         if kind.startswith("int"):
@@ -205,9 +359,13 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
                 raise ValueError
             return value
         if kind.startswith("list"):
+            if isinstance(value, str | dict) or any(isinstance(v, bool) for v in value):
+                raise ValueError
             return [float(v) for v in value]
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"option {name}: expected {kind}, got {value!r}") from None
 
 
@@ -489,18 +647,14 @@ class Run:
         """The data sets (and the class names and preprocessing every weights file records)."""
         cfg, d = self.cfg, self.d
         self.pre = Preprocess(img_size=cfg.img_size, crop_pct=cfg.crop_pct)
-        augment = Augment(
-            enabled=cfg.augment and not cfg.teacher_logits,
-            scale=tuple(cfg.scale),
-            hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter,
-            auto_augment=cfg.aa,
-            re_prob=cfg.reprob,
-            re_mode=cfg.remode,
-            re_count=cfg.recount,
-        )
         data = build_datasets(
-            cfg.dataset, cfg.data_dir, self.pre, augment, cfg.val_fraction, cfg.seed, cfg.skip_bad_images
+            cfg.dataset,
+            cfg.data_dir,
+            self.pre,
+            cfg.augmentation(),
+            cfg.val_fraction,
+            cfg.seed,
+            cfg.skip_bad_images,
         )
         self.data, self.classes = data, data.classes
         # what a checkpoint needs besides its weights to classify an image file: in classes.json and
