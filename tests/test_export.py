@@ -101,7 +101,7 @@ def test_cli_export_and_errors(nano_checkpoint: Path, tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     assert out.is_file() and "max |exported - PyTorch|" in ok.output
     missing = runner.invoke(app, ["export", str(tmp_path / "nope.safetensors")])
-    assert missing.exit_code == 2 and "not found" in missing.output
+    assert missing.exit_code == 1 and "not found" in missing.output
     bad = runner.invoke(app, ["export", str(nano_checkpoint), "--format", "tflite", "--shuffle", "none"])
     assert bad.exit_code == 2 and "format must be one of" in bad.output
 

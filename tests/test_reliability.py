@@ -276,3 +276,102 @@ def test_a_one_class_folder_is_refused(tmp_path: Path) -> None:
     assert (
         result.returncode == 1 and "imagefolder has 1 class: a classifier needs at least two" in result.stderr
     )
+
+
+def bad_checkpoints(folder: Path, seed: int = 0) -> list[Path]:
+    """Truncated, empty, random, bit-flipped, crafted-metadata, pickled and foreign checkpoints."""
+    import random
+
+    import timm
+    from safetensors.torch import save_file
+
+    rng = random.Random(seed)
+    model = sret.create_model("sret_nano", num_classes=10)
+    info = {"classes": [str(i) for i in range(10)], "preprocess": {"img_size": 32}, "dataset": "digits"}
+    good = folder / "good.safetensors"
+    save_weights(model, good, "sret_nano", {"num_classes": 10, "img_size": 32}, info)
+    data = good.read_bytes()
+    out: list[Path] = []
+
+    def put(name: str, content: bytes) -> None:
+        (folder / name).write_bytes(content)
+        out.append(folder / name)
+
+    for i in range(3):
+        put(f"truncated{i}.safetensors", data[: rng.randrange(1, len(data))])
+    put("empty.safetensors", b"")
+    for i in range(2):
+        put(f"random{i}.safetensors", rng.randbytes(rng.randrange(8, 4096)))
+    for i in range(2):
+        flipped = bytearray(data)
+        flipped[rng.randrange(8, 200)] ^= 1 << rng.randrange(8)  # inside the JSON header
+        put(f"flipped{i}.safetensors", bytes(flipped))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    crafted = {
+        "args_list": {"model_name": "sret_nano", "model_args": json.dumps([1, 2])},
+        "few_classes": {"model_name": "sret_nano", "info": json.dumps({"classes": ["a", "b"]})},
+        "bad_preprocess": {"model_name": "sret_nano", "info": json.dumps({"preprocess": {"img_sizzle": 3}})},
+        "not_json": {"model_name": "sret_nano", "model_args": "{not json"},
+        "unknown_model": {"model_name": "sret_huge"},
+    }
+    for name, meta in crafted.items():
+        save_file(state, folder / f"{name}.safetensors", metadata=meta)
+        out.append(folder / f"{name}.safetensors")
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, depth=1)
+    save_file(
+        {k: v.contiguous() for k, v in vit.state_dict().items()},
+        folder / "foreign.safetensors",
+        metadata={"model_name": "sret_nano"},
+    )
+    out.append(folder / "foreign.safetensors")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"model": Payload()}, folder / "pickled.pth")
+    out.append(folder / "pickled.pth")
+    return out
+
+
+def test_fuzzed_checkpoints_give_one_line_naming_the_file_and_write_nothing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(image)
+    checkpoints = bad_checkpoints(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    runner = CliRunner()
+    for path in checkpoints:
+        name = ["--model", "sret_nano"] if path.suffix == ".pth" else []
+        for args in (
+            ["eval", str(path), "--dataset", "digits", *name],
+            ["predict", str(path), str(image)],
+            ["export", str(path), "--format", "torchscript", "--shuffle", "fixed", *name],
+        ):
+            if args[0] in ("eval", "predict") and name:
+                args = [a for a in args if a not in name]  # eval and predict take the file's own model
+            result = runner.invoke(app, args)
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert result.exit_code == 1, (args, result.output)
+            assert len(lines) == 1 and lines[0].startswith("error:") and path.name in lines[0], (args, lines)
+            assert "Traceback" not in result.output and "this must never run" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporaries
+
+
+def test_resume_after_editing_the_model_in_config_yaml_is_one_line(tmp_path: Path) -> None:
+    from sret.train import resolve_config, train
+
+    run = train(
+        resolve_config(
+            "digits", epochs=1, train_subset=64, val_subset=32, batch_size=32, output=str(tmp_path), name="r"
+        )
+    )
+    config = run / "config.yaml"
+    config.write_text(
+        config.read_text().replace("model: sret_nano", "model: sret_t").replace("epochs: 1", "epochs: 2")
+    )
+    with pytest.raises(
+        UserError, match=r"last_state\.pt does not fit the run's sret_t \(was .*config\.yaml edited\?\)"
+    ):
+        train(resume=run)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from safetensors.torch import load_file, safe_open, save
 from torch import Tensor, nn
 
 import sret.model  # noqa: F401  (registers the variants with timm)
+from sret.data import Preprocess
 from sret.io import UserError, atomic_write, write_bytes
-from sret.model import MODEL_CONFIGS, checkpoint_filter_fn
+from sret.model import MODEL_CONFIGS, checkpoint_filter_fn, is_official_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +41,10 @@ def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     except Exception as e:  # unpickling errors of weights_only (e.g. a pickled object) land here
-        raise ValueError(f"cannot read checkpoint {path} as weights only: {e}") from None
+        raise ValueError(
+            f"cannot read checkpoint {path}: it holds Python objects besides tensors, which sret never "
+            f"unpickles ({unpickling_cause(e)})"
+        ) from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -49,9 +54,17 @@ def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
+def unpickling_cause(error: Exception) -> str:
+    """The line of torch's long weights-only refusal that says what the file holds."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+    return (named or lines or [type(error).__name__])[0]
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Model name, constructor arguments and run info (class names, preprocessing) stored with our
-    safetensors weights (each absent from the result if absent from the file)."""
+    safetensors weights (each absent from the result if absent from the file); ValueError naming the
+    file and the field if any of them is malformed."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
@@ -62,7 +75,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         out["model_name"] = meta["model_name"]
     for key in ("model_args", "info"):
         if key in meta:
-            out[key] = json.loads(meta[key])
+            try:
+                out[key] = json.loads(meta[key])
+            except ValueError as e:
+                raise ValueError(f"{path}: metadata {key} is not JSON ({e})") from None
+            if not isinstance(out[key], dict):
+                raise ValueError(f"{path}: metadata {key} must be a mapping, got {type(out[key]).__name__}")
     return out
 
 
@@ -112,6 +130,13 @@ def load_weights(
     `new_head` (the caller asked for another class count: fine-tuning), when it stays freshly
     initialised with a log line saying so.
     """
+    foreign = not is_official_layout(state) and not any(k.startswith("stages.") for k in state)
+    if foreign and any(k.startswith("stages.") for k in model.state_dict()):
+        examples = ", ".join(sorted(state)[:3])
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise ValueError(
+            f"checkpoint {source} is not a {arch} checkpoint: it holds no SReT stages ({examples}, ...)"
+        )
     state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
@@ -155,22 +180,40 @@ def model_from_weights(
         raise UserError(f"checkpoint not found: {path}")
     try:
         meta = read_metadata(path)
-    except Exception as e:
+        state = load_state(path)
+    except ValueError as e:
+        raise UserError(str(e) if str(path) in str(e) else f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:  # safetensors' header errors
         raise UserError(f"cannot read checkpoint {path}: {e}") from None
     name = model_name or meta.get("model_name")
     if name is None:
         raise UserError(f"{path} does not say which model it holds: name the architecture (--model NAME)")
     stored = meta.get("model_args", {}) if name == meta.get("model_name") else {}
     args = {**stored, **overrides}
-    try:
-        state = load_state(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
     head = state.get("head.weight")
     if "num_classes" not in args and head is not None:
         args["num_classes"] = head.shape[0]  # a file without metadata: its own classifier decides
-    model = create_model(name, **args)
-    return load_weights(model, state, path, new_head=False), meta
+    try:
+        model = load_weights(create_model(name, **args), state, path, new_head=False)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    check_info(meta.get("info") or {}, model, path)
+    return model, meta
+
+
+def check_info(info: dict[str, Any], model: nn.Module, path: Path) -> None:
+    """The run info of a weights file must describe its model: one class name per output, and
+    preprocessing options that exist."""
+    classes = info.get("classes")
+    outputs = getattr(model, "num_classes", None)
+    if classes is not None and (not isinstance(classes, list) or len(classes) != outputs):
+        count = len(classes) if isinstance(classes, list) else type(classes).__name__
+        raise UserError(f"{path}: metadata names {count} classes, the classifier has {outputs} outputs")
+    pre = info.get("preprocess", {})
+    known = {f.name for f in fields(Preprocess)}
+    if not isinstance(pre, dict) or set(pre) - known:
+        unknown = sorted(set(pre) - known) if isinstance(pre, dict) else pre
+        raise UserError(f"{path}: unknown preprocessing option(s) in its metadata: {unknown}")
 
 
 def create_model(

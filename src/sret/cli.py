@@ -402,7 +402,9 @@ def export_cmd(
         result = export_model(checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol)
     except ExportRefused as e:
         raise _user_error(e, code=3) from None
-    except (UserError, ValueError, FileNotFoundError, ExportMismatch) as e:
+    except UserError as e:  # the checkpoint: missing, unreadable, or not what it says
+        raise _user_error(e, code=1) from None
+    except (ValueError, FileNotFoundError, ExportMismatch) as e:
         raise _user_error(e, code=2) from None
     typer.echo(
         f"wrote {result.path} ({result.format} via {result.exporter}, {result.model_name}, "

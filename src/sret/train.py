@@ -819,8 +819,15 @@ class Run:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"cannot read training state {path}: {e}") from None
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+            config = self.dir / "config.yaml"
+            raise UserError(
+                f"{path} does not fit the run's {self.cfg.model} (was {config} edited?): {detail}"
+            ) from None
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state["scaler"] is not None:
