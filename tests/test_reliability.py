@@ -375,3 +375,53 @@ def test_resume_after_editing_the_model_in_config_yaml_is_one_line(tmp_path: Pat
         UserError, match=r"last_state\.pt does not fit the run's sret_t \(was .*config\.yaml edited\?\)"
     ):
         train(resume=run)
+
+
+def test_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    import random
+
+    args = [
+        "train",
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "3",
+        "--save-every-steps",
+        "1",
+        *SMALL,
+        "--set",
+        "warmup_epochs=1",
+        "--set",
+        "mixup=0.5",
+    ]
+    straight = sret_cli(*args, "--name", "straight", timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    run, rng, kills = tmp_path / "killed", random.Random(0), 0
+    command = [sys.executable, "-m", "sret", *args, "--name", "killed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(4):  # a save every step: most kills land in or near one
+        victim = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while not (run / "last_state.pt").exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+            kills += 1
+        victim.wait()
+        command = [sys.executable, "-m", "sret", "train", "--resume", str(run)]
+    assert kills >= 2, "the run finished before it could be killed"
+    finished = sret_cli("train", "--resume", str(run), timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    columns = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in ("time_s", "img_per_s")}
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("straight", "killed")
+    ]
+    assert columns[0] == columns[1]
+    a, b = load_state(tmp_path / "straight" / "last.safetensors"), load_state(run / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
