@@ -4,7 +4,7 @@ Importing the package registers every SReT variant with timm, so ``timm.create_m
 works as well as :func:`sret.create_model`.
 """
 
-from sret.checkpoint import create_model, load_checkpoint, save_weights
+from sret.checkpoint import create_model, load_checkpoint, model_from_weights, save_weights
 from sret.model import (
     MODEL_CONFIGS,
     RecursionSchedule,
@@ -14,6 +14,7 @@ from sret.model import (
     checkpoint_filter_fn,
     official_stages,
 )
+from sret.runtime import tune_cpu_allocator
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "model_from_weights",
     "official_stages",
     "save_weights",
+    "tune_cpu_allocator",
 ]

@@ -1033,7 +1033,8 @@ def start_lines(run: Run) -> list[str]:
     if native != cfg.img_size and not cfg.checkpoint:
         lines.append(
             f"[yellow]warning: {cfg.model} is built for {native} px and trains here at {cfg.img_size} px "
-            f"(the recipe's img_size; --set img_size={native} for the model's own)[/]"
+            f"(the recipe's img_size; --set img_size={native} for the model's own, or -r finetune for an "
+            "image folder)[/]"
         )
     return lines
 
