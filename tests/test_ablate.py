@@ -92,6 +92,7 @@ def test_a_small_grid_writes_table_csv_json_and_plot_then_a_rerun_skips_it(tmp_p
         tmp_path,
         {"plain": {"loops": 1, "nll": "none", "residual_coefficients": False}, "sret": {}},
         description="tiny",
+        compare=[["sret", "plain"]],
     )
     grid = load_grid(str(path))
     lines: list[str] = []
@@ -101,6 +102,7 @@ def test_a_small_grid_writes_table_csv_json_and_plot_then_a_rerun_skips_it(tmp_p
     out = tmp_path / "out"
     table = (out / "summary.md").read_text()
     assert "| plain | 1 |" in table and "| sret | 1 |" in table
+    assert "| sret | plain | 1/1 | – | – | too few seeds |" in table  # one seed: no test
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["variant"] for r in rows] == ["plain", "sret"]
     plain, sret = rows
@@ -140,6 +142,8 @@ def test_a_failed_cell_is_reported_and_does_not_stop_the_others(tmp_path: Path) 
         ("variants: {many: {groups: 64}}\n", "variant 'many': stage 0 has 16 tokens"),
         ("variants: {x: {}}\nset: {output: here}\n", "output are set by `sret ablate`"),
         ("variants: {x: {}}\nset: {epochz: 1}\n", "grid.yaml: unknown config option(s): epochz"),
+        ("variants: {x: {}}\ncompare: [[x, y]]\n", "`compare:` names unknown variant(s) y"),
+        ("variants: {x: {}}\ncompare: [x]\n", "`compare:` must be a list of [variant, reference] pairs"),
     ],
 )
 def test_a_broken_grid_is_one_clear_error_before_any_training(
@@ -205,6 +209,23 @@ def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_table(tmp_path: Pat
     assert "(1 already finished)" in rerun.stderr
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "killed"))
     assert stable(two["variants"]) == stable(one["variants"])
+
+
+def test_comparisons_are_welch_tests_over_seeds() -> None:
+    from sret.ablate import Grid, Variant, comparisons
+
+    grid = Grid("g", "digits", "sret_nano", {}, 3, [Variant("a", {}, {}), Variant("b", {}, {})])
+    grid.compare = [("a", "b")]
+
+    def cells(a: list[float], b: list[float]) -> list[dict]:
+        rows = [dict(variant="a", status="ok", best_acc1=x) for x in a]
+        return rows + [dict(variant="b", status="ok", best_acc1=x) for x in b]
+
+    clear = comparisons(grid, cells([0.70, 0.71, 0.72], [0.60, 0.61, 0.60]))[0]
+    assert clear["verdict"] == "better" and clear["p_value"] < 0.01
+    assert clear["difference"] == pytest.approx(0.1067, abs=1e-3)
+    noisy = comparisons(grid, cells([0.60, 0.64, 0.58], [0.61, 0.59, 0.62]))[0]
+    assert noisy["verdict"] == "inside the noise"
 
 
 def test_the_shipped_grids_resolve() -> None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
+
 from sret.checkpoint import create_model
 from sret.evaluate import load_trained
 from sret.info import count_macs
@@ -49,7 +51,7 @@ from sret.train import TrainConfig, load_recipe, resolve_config
 from sret.variants import resolve_overrides
 
 GRIDS = Path(__file__).parent / "grids"
-GRID_KEYS = ("description", "recipe", "model", "base", "set", "seeds", "variants")
+GRID_KEYS = ("description", "recipe", "model", "base", "set", "seeds", "variants", "compare")
 # Options the grid itself decides for every cell: where it writes, its seed and its threads.
 OWNED = ("output", "name", "seed", "threads", "model_args")
 SUMMARY_FIELDS = (
@@ -100,6 +102,7 @@ class Grid:
     variants: list[Variant]
     description: str = ""
     base: dict[str, Any] = field(default_factory=dict)  # model overrides under every variant's
+    compare: list[tuple[str, str]] = field(default_factory=list)  # (variant, reference) pairs to test
     configs: dict[str, TrainConfig] = field(default_factory=dict, repr=False)  # by variant, seed 0
 
     @property
@@ -170,10 +173,22 @@ def load_grid(
     base = spec.get("base") or {}
     if not isinstance(base, dict):
         raise UserError(f"grid {path}: `base:` must be a mapping of model option: value")
-    grid = Grid(str(path), recipe, model, shared, n_seeds, [], str(spec.get("description", "")), base)
+    shown = f"sret/grids/{path.name}" if path.resolve().parent == GRIDS.resolve() else str(path)
+    grid = Grid(shown, recipe, model, shared, n_seeds, [], str(spec.get("description", "")), base)
     for name, overrides in variants.items():
         grid.variants.append(_variant(grid, str(name), overrides or {}))
+    grid.compare = _pairs(path, spec.get("compare") or [], {v.name for v in grid.variants})
     return grid
+
+
+def _pairs(path: Path, pairs: Any, names: set[str]) -> list[tuple[str, str]]:
+    """`compare:` as (variant, reference) pairs of known variants."""
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise UserError(f"grid {path}: `compare:` must be a list of [variant, reference] pairs")
+    unknown = sorted({str(n) for p in pairs for n in p} - names)
+    if unknown:
+        raise UserError(f"grid {path}: `compare:` names unknown variant(s) {', '.join(unknown)}")
+    return [(str(a), str(b)) for a, b in pairs]
 
 
 def _variant(grid: Grid, name: str, overrides: Any) -> Variant:
@@ -486,9 +501,45 @@ def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]
     return rows
 
 
+def comparisons(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each `compare:` pair: the difference of mean best top-1 and Welch's t-test over the seeds.
+
+    A difference is called real only at p < 0.05; anything else is inside the seed-to-seed noise of
+    the grid's budget.
+    """
+    out = []
+    for variant, reference in grid.compare:
+        a, b = (
+            [r["best_acc1"] for r in results if r["variant"] == name and r["status"] == "ok"]
+            for name in (variant, reference)
+        )
+        row = dict(variant=variant, reference=reference, seeds=f"{len(a)}/{len(b)}")
+        if len(a) < 2 or len(b) < 2:
+            out.append({**row, "difference": math.nan, "p_value": math.nan, "verdict": "too few seeds"})
+            continue
+        difference = statistics.fmean(a) - statistics.fmean(b)
+        p = float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue)
+        if not math.isfinite(p):  # no spread at all in either arm
+            p = 0.0 if difference else 1.0
+        verdict = ("better" if difference > 0 else "worse") if p < 0.05 else "inside the noise"
+        out.append({**row, "difference": difference, "p_value": p, "verdict": verdict})
+    return out
+
+
+def comparisons_table(rows: list[dict[str, Any]]) -> str:
+    header = "| variant | against | seeds | Δ best top-1 (points) | p (Welch) | reading |\n"
+    lines = [header + "|---|---|---|---:|---:|---|"]
+    for r in rows:
+        diff = "–" if math.isnan(r["difference"]) else f"{100 * r['difference']:+.2f}"
+        p = "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
+        lines.append(f"| {r['variant']} | {r['reference']} | {r['seeds']} | {diff} | {p} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """summary.md / .csv / .json, cells.csv (every cell) and ablation.png, each written atomically."""
     rows = summarise(grid, results)
+    compared = comparisons(grid, results)
     doc = dict(
         grid=grid.path,
         recipe=grid.recipe,
@@ -496,6 +547,7 @@ def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[
         settings=grid.settings,
         seeds=grid.seeds,
         variants=rows,
+        comparisons=compared,
         cells=results,
     )
     atomic_write(
@@ -519,7 +571,8 @@ def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[
         "error",
     )
     atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(to_csv(results, cell_fields)))
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table(rows)))
+    text = markdown_table(rows) + ("\n" + comparisons_table(compared) if compared else "")
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
     if any(r["seeds"] for r in rows):
         plot_ablation(rows, out / "ablation.png", title=grid.description or Path(grid.path).stem)
     return rows
