@@ -45,7 +45,7 @@ def test_a_mismatched_classifier_is_an_error_naming_both_shapes(ten_classes, tmp
 def test_weights_whose_head_differs_from_their_metadata_are_refused(ten_classes, tmp_path: Path) -> None:
     path = tmp_path / "best.safetensors"
     save_weights(ten_classes, path, "sret_nano", {"num_classes": 5, "img_size": 32})
-    with pytest.raises(ValueError, match=r"shape \(10, 128\), the model \(5, 128\)"):
+    with pytest.raises(UserError, match=r"shape \(10, 128\), the model \(5, 128\)"):
         model_from_weights(path)
     image = tmp_path / "a.png"
     from PIL import Image

@@ -284,7 +284,7 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "sret_huge"], "unknown model"),
+        (["--model", "sret_huge"], "model must be an SReT"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "data directory not found"),
         (["--dataset", "cifar10"], "needs --data-dir"),
         (["--set", "drop_path=1.5"], "drop_path must be in [0.0, 1.0)"),

@@ -139,6 +139,13 @@ def load_weights(
         )
     state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
+    body = [k for k, v in state.items() if not k.startswith("head.") and k in own and own[k].shape != v.shape]
+    if body:  # another architecture: say so before anything about the classifier
+        k = body[0]
+        raise ValueError(
+            f"checkpoint {source} does not fit this model: {len(body)} tensors differ in shape, e.g. {k} "
+            f"{tuple(state[k].shape)} against {tuple(own[k].shape)}"
+        )
     for key in ("head.weight", "head.bias"):
         if key not in state or (key in own and state[key].shape == own[key].shape):
             continue
