@@ -502,23 +502,27 @@ def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def comparisons(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each `compare:` pair: the difference of mean best top-1 and Welch's t-test over the seeds.
+    """Each `compare:` pair: the difference of mean best top-1 and a paired t-test over the seeds.
 
-    A difference is called real only at p < 0.05; anything else is inside the seed-to-seed noise of
-    the grid's budget.
+    A seed fixes the data order (and the random streams) of both arms, so the test pairs the two
+    cells of each seed: it asks whether the per-seed difference is consistently away from zero,
+    which seed-to-seed swings common to both arms do not blur. A difference is called real only at
+    p < 0.05; anything else is inside the noise of the grid's budget.
     """
     out = []
     for variant, reference in grid.compare:
         a, b = (
-            [r["best_acc1"] for r in results if r["variant"] == name and r["status"] == "ok"]
+            {r["seed"]: r["best_acc1"] for r in results if r["variant"] == name and r["status"] == "ok"}
             for name in (variant, reference)
         )
-        row = dict(variant=variant, reference=reference, seeds=f"{len(a)}/{len(b)}")
-        if len(a) < 2 or len(b) < 2:
+        seeds = sorted(set(a) & set(b))
+        row = dict(variant=variant, reference=reference, seeds=len(seeds))
+        if len(seeds) < 2:
             out.append({**row, "difference": math.nan, "p_value": math.nan, "verdict": "too few seeds"})
             continue
-        difference = statistics.fmean(a) - statistics.fmean(b)
-        p = float(scipy.stats.ttest_ind(a, b, equal_var=False).pvalue)
+        pairs = [a[s] for s in seeds], [b[s] for s in seeds]
+        difference = statistics.fmean(pairs[0]) - statistics.fmean(pairs[1])
+        p = float(scipy.stats.ttest_rel(*pairs).pvalue)
         if not math.isfinite(p):  # no spread at all in either arm
             p = 0.0 if difference else 1.0
         verdict = ("better" if difference > 0 else "worse") if p < 0.05 else "inside the noise"
@@ -527,7 +531,7 @@ def comparisons(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 def comparisons_table(rows: list[dict[str, Any]]) -> str:
-    header = "| variant | against | seeds | Δ best top-1 (points) | p (Welch) | reading |\n"
+    header = "| variant | against | seeds | Δ best top-1 (points) | p (paired t) | reading |\n"
     lines = [header + "|---|---|---|---:|---:|---|"]
     for r in rows:
         diff = "–" if math.isnan(r["difference"]) else f"{100 * r['difference']:+.2f}"
