@@ -224,8 +224,10 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]
 def conv_bn_relu_applies(x: Tensor) -> bool:
     """Whether :func:`conv_bn_relu` may run on the input `x`: eager fp32 CPU inference on a finite
     input. oneDNN's fused ReLU maps NaN to 0 where torch's keeps it, so an input with a non-finite
-    value takes the plain ops and gives their result, whatever else is in the batch."""
-    return use_onednn(x) and not torch.is_grad_enabled() and bool(torch.isfinite(x).all())
+    value takes the plain ops and gives their result, whatever else is in the batch. The test is the
+    sum: any NaN or infinity makes it non-finite, in one reduction (a sum that overflows only sends a
+    finite input the plain way, with the same result)."""
+    return use_onednn(x) and not torch.is_grad_enabled() and bool(torch.isfinite(x.sum()))
 
 
 def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> Tensor:
