@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import signal
 import subprocess
@@ -278,10 +279,24 @@ def test_a_one_class_folder_is_refused(tmp_path: Path) -> None:
     )
 
 
+def flip_header_bit(data: bytes, header_end: int, rng: random.Random) -> bytes:
+    """One bit flipped inside the JSON header so that it no longer parses.
+
+    safetensors writes its metadata in a per-process order, so a fixed position can land in a
+    harmless place (a class name) on one run and break the file on the next; drawing until the
+    header is really broken keeps the test about broken files.
+    """
+    while True:
+        flipped = bytearray(data)
+        flipped[rng.randrange(8, header_end)] ^= 1 << rng.randrange(8)
+        try:
+            json.loads(flipped[8:header_end].decode())
+        except (UnicodeDecodeError, ValueError):
+            return bytes(flipped)
+
+
 def bad_checkpoints(folder: Path, seed: int = 0) -> list[Path]:
     """Truncated, empty, random, bit-flipped, crafted-metadata, pickled and foreign checkpoints."""
-    import random
-
     import timm
     from safetensors.torch import save_file
 
@@ -302,10 +317,9 @@ def bad_checkpoints(folder: Path, seed: int = 0) -> list[Path]:
     put("empty.safetensors", b"")
     for i in range(2):
         put(f"random{i}.safetensors", rng.randbytes(rng.randrange(8, 4096)))
+    header_end = 8 + int.from_bytes(data[:8], "little")
     for i in range(2):
-        flipped = bytearray(data)
-        flipped[rng.randrange(8, 200)] ^= 1 << rng.randrange(8)  # inside the JSON header
-        put(f"flipped{i}.safetensors", bytes(flipped))
+        put(f"flipped{i}.safetensors", flip_header_bit(data, header_end, rng))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     crafted = {
         "args_list": {"model_name": "sret_nano", "model_args": json.dumps([1, 2])},
@@ -378,8 +392,6 @@ def test_resume_after_editing_the_model_in_config_yaml_is_one_line(tmp_path: Pat
 
 
 def test_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    import random
-
     args = [
         "train",
         "--output",
