@@ -9,7 +9,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from sret import fused, native
+from sret import kernels
 from sret.bench import (
     AttentionTimer,
     BenchConfig,
@@ -21,6 +21,7 @@ from sret.bench import (
     run_benchmark,
 )
 from sret.cli import app
+from sret.kernels import native, onednn
 
 ROW_FIELDS = {
     "model",
@@ -55,7 +56,7 @@ def test_cli_bench_json_inference() -> None:
     doc = json.loads(result.stdout)
     assert {"device", "torch", "threads", "config", "matmul_peak_gflops", "rows", "comparisons"} <= set(doc)
     assert doc["matmul_peak_gflops"] > 0 and doc["threads"] >= 1
-    assert doc["sret_fused_kernels"] is fused.ONEDNN_OPS  # eager fp32 CPU inference
+    assert doc["sret_fused_kernels"] is onednn.ONEDNN_OPS  # eager fp32 CPU inference
     assert doc["sret_native_attention"] is (native.library() is not None)
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["sret_nano", "deit_tiny_patch16_224", "pit_ti_224"]
@@ -73,7 +74,7 @@ def test_training_with_checkpointing_comparison() -> None:
     cfg = BenchConfig(batch=2, img_size=32, train=True, warmup=0, repeats=1)
     entries = contenders(["sret_nano"], references=(), compare_checkpointing=True)
     doc = run_benchmark(entries, cfg)
-    assert doc["sret_fused_kernels"] is fused.ONEDNN_OPS  # eager fp32 CPU training
+    assert doc["sret_fused_kernels"] is onednn.ONEDNN_OPS  # eager fp32 CPU training
     json.dumps(doc)  # serialisable as is
     assert [r["label"] for r in doc["rows"]] == ["sret_nano", "sret_nano +ckpt"]
     assert [r["grad_checkpointing"] for r in doc["rows"]] == [False, True]
@@ -134,12 +135,12 @@ def test_attention_timer_counts_forward_and_backward_and_restores_sdpa() -> None
     assert forward > 0 and torch.nn.functional.scaled_dot_product_attention is sdpa
     out.sum().backward()
     assert timer.seconds > forward  # the backward hooks fired
-    attend = fused.qkv_attention
+    attend = kernels.attend
     qkv = torch.randn(2, 16, 3 * 16, requires_grad=True)
     with timer.timing():  # SReT's entry point (its own kernel or unfused products, not always SDPA)
-        out = fused.qkv_attention(qkv * 1, 2, 2, None, 0.0, 8**-0.5)
+        out = kernels.attend(qkv * 1, 2, 2, 8**-0.5)
     forward = timer.seconds
-    assert forward > 0 and fused.qkv_attention is attend
+    assert forward > 0 and kernels.attend is attend
     out.sum().backward()
     assert timer.seconds > forward
     with timer.timing():  # a new step starts from zero

@@ -9,17 +9,11 @@ import pytest
 import timm
 import timm.optim
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 import sret
-from sret import fused
 from sret.info import count_macs, model_info
 from sret.model import (
     MODEL_CONFIGS,
-    FeedForward,
-    HiddenRecomputed,
-    ScaledResidual,
     SlicedAttention,
     SReT,
     SReTConfig,
@@ -263,160 +257,6 @@ def test_inference_mode_then_training_works() -> None:
     model(x).sum().backward()
     model(torch.randn(1, 3, 40, 24)).sum().backward()
     assert model.stages[0].blocks[0].attn.qkv.weight.grad is not None
-
-
-@pytest.mark.skipif(not fused.ONEDNN_OPS, reason="this torch build has no oneDNN fused ops")
-def test_onednn_kernels_match_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CPU inference runs oneDNN kernels with bias and GELU/ReLU fused, and training runs every linear
-    layer's products in oneDNN; outputs and gradients must be those of the plain ops (what runs where
-    torch has no oneDNN) to float rounding."""
-    model = SReT(tiny_cfg(shuffle="fixed", drop_path_rate=0.0)).eval()
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        model(x)  # products this small cost more through oneDNN: the plain ops run
-    assert not any("pointwise" in e.name for e in prof.events())
-    monkeypatch.setattr(fused, "ONEDNN_MIN_MACS", 0)
-    with torch.no_grad():
-        assert fused.use_onednn(x)
-        with torch.profiler.profile() as prof:
-            out = model(x)
-    calls = [e.name for e in prof.events() if "pointwise" in e.name]
-    assert any("_linear_pointwise" in c for c in calls) and any("_convolution_pointwise" in c for c in calls)
-    with torch.no_grad(), monkeypatch.context() as plain_ops:
-        plain_ops.setattr(fused, "ONEDNN_OPS", False)
-        assert not fused.use_onednn(x)
-        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
-
-    def gradients() -> list[Tensor]:
-        model.zero_grad()
-        model(x).square().sum().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    model.train()
-    with torch.profiler.profile() as prof:
-        ours = gradients()
-    assert any("OneDNNLinear" in e.name for e in prof.events())
-    with monkeypatch.context() as plain_ops:
-        plain_ops.setattr(fused, "ONEDNN_OPS", False)
-        plain = gradients()
-    for a, b in zip(ours, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("tokens", [49, 98])
-def test_attention_entry_point_matches_sdpa(tokens: int) -> None:
-    """Short groups attend by plain products on CPU, longer ones through SDPA's fused kernel: the same
-    outputs and gradients either way."""
-    q, k, v = (torch.randn(4, 2, tokens, 32, requires_grad=True) for _ in range(3))
-    with torch.profiler.profile() as prof:
-        ours = fused.attention(q, k, v, None, 0.0, 32**-0.5)
-    fused_kernel = any("flash_attention" in e.name for e in prof.events())
-    assert fused_kernel is (tokens > fused.UNFUSED_ATTENTION_TOKENS)
-    ref = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(ref)
-    for a, b in zip(
-        torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_counters_and_transforms_see_the_plain_ops() -> None:
-    """FlopCounterMode (the MAC counts) and torch.func transforms must see aten's linear layers, not
-    oneDNN's calls or the model's own autograd functions."""
-    model = SReT(tiny_cfg(shuffle="fixed", drop_path_rate=0.0))
-    x = torch.randn(2, 3, 32, 32)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    counts = counter.get_flop_counts()["Global"]
-    assert counts[torch.ops.aten.addmm] > 0 and counts[torch.ops.aten.mm] > 0
-    params = dict(model.named_parameters())
-    model.eval()  # BatchNorm's running statistics would be a mutation under the transform
-    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
-    assert grads["stages.0.blocks.0.mlp.fc1.weight"].abs().sum() > 0
-
-
-def test_mlp_training_keeps_one_hidden_tensor_and_the_exact_gradients() -> None:
-    """Autograd would hold fc1's output and its GELU for backward; HiddenRecomputed holds only the
-    former (recomputing the GELU), with the same gradients."""
-    mlp = FeedForward(16, 37)  # hidden padded to 40
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    assert mlp.recomputes_hidden(x)
-    with torch.no_grad():
-        assert not mlp.recomputes_hidden(x)
-
-    def hidden_tensors_saved(forward) -> int:
-        shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
-            out = forward()
-        return out, sum(shape.numel() == 2 * 5 * 40 for shape in shapes)  # activations, not weights
-
-    w1, b1, w2, b2 = mlp.weights()
-    ours, ours_saved = hidden_tensors_saved(lambda: mlp(x))
-    plain, plain_saved = hidden_tensors_saved(lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
-    assert (ours_saved, plain_saved) == (1, 2)
-    torch.testing.assert_close(ours, plain)
-    params = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
-    for a, b in zip(
-        torch.autograd.grad(ours.square().sum(), params),
-        torch.autograd.grad(plain.square().sum(), params),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b)
-    inputs = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]
-    assert torch.autograd.gradcheck(HiddenRecomputed.apply, inputs)
-
-
-def test_scaled_residual_has_the_gradients_of_addcmul() -> None:
-    x, branch = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
-    skip = torch.tensor([0.7], requires_grad=True)
-    g = torch.randn(2, 5, 8)
-    ours = ScaledResidual.apply(x, branch, skip)
-    plain = torch.addcmul(branch, x, skip)
-    torch.testing.assert_close(ours, plain)
-    for a, b in zip(
-        torch.autograd.grad(ours, (x, branch, skip), g),
-        torch.autograd.grad(plain, (x, branch, skip), g),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b)
-    inputs = [t.detach().double().requires_grad_() for t in (x, branch, skip)]
-    assert torch.autograd.gradcheck(ScaledResidual.apply, inputs)
-
-
-def test_model_gradients_equal_those_of_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every hand-made backward of the model together (permutations, residuals, recomputed MLPs,
-    unfused attention) gives the gradients that autograd gives through the plain ops, which is what
-    runs whenever something records the ops."""
-    torch.manual_seed(0)
-    model = SReT(tiny_cfg(shuffle="fixed", drop_path_rate=0.0)).train()
-    x = torch.randn(2, 3, 32, 32)
-
-    def gradients() -> dict[str, Tensor]:
-        model.zero_grad()
-        model(x).square().sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    ours = gradients()
-    with monkeypatch.context() as plain_ops:
-        plain_ops.setattr(fused, "recording", lambda: True)
-        assert not fused.plain_eager_fp32(x)
-        plain = gradients()
-    for name, g in plain.items():
-        torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_shared_block_folds_its_weights_once_per_forward() -> None:
-    """The folded (gain-scaled, padded) weights of a shared block are built once per stage forward, so
-    autograd keeps one copy for all its applications instead of one per application."""
-    model = SReT(tiny_cfg())
-    calls = []
-    for stage in model.stages:
-        for block in stage.blocks:
-            original = block.weights
-            block.weights = lambda original=original: calls.append(1) or original()
-    model(torch.randn(1, 3, 32, 32))
-    assert len(calls) == sum(len(s.blocks) for s in model.stages)
 
 
 # ---- schedule -----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sret import fused, native
+from sret import kernels
+from sret.kernels import native
 from sret.model import SReT, SReTConfig, StageConfig
 
 needs_kernel = pytest.mark.skipif(native.library() is None, reason="no AVX-512 CPU or no C compiler here")
@@ -46,14 +47,14 @@ def test_kernel_matches_torch_attention_forward_and_backward(
     scale = head_dim**-0.5
     assert native.applies(qkv, tokens, head_dim)
     grad = torch.randn(batch, groups * tokens, heads * head_dim)
-    ours = native.sliced_attention(qkv, groups, heads, scale)
+    ours = kernels.attend(qkv, groups, heads, scale)
     ref = reference(qkv, groups, heads, scale)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     (ours_grad,) = torch.autograd.grad(ours, qkv, grad)
     (ref_grad,) = torch.autograd.grad(ref, qkv, grad)
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # inference keeps no log-sum-exp, same result
-        torch.testing.assert_close(native.sliced_attention(qkv, groups, heads, scale), ours, rtol=0, atol=0)
+        torch.testing.assert_close(kernels.attend(qkv, groups, heads, scale), ours, rtol=0, atol=0)
 
 
 @needs_kernel
@@ -62,10 +63,10 @@ def test_kernel_uses_every_thread_count_alike() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.sliced_attention(qkv, 4, 4, 32**-0.5)
+        one = kernels.attend(qkv, 4, 4, 32**-0.5)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(native.sliced_attention(qkv, 4, 4, 32**-0.5), one, rtol=0, atol=0)
+    torch.testing.assert_close(kernels.attend(qkv, 4, 4, 32**-0.5), one, rtol=0, atol=0)
 
 
 @needs_kernel
@@ -86,8 +87,8 @@ def test_model_runs_the_kernel_and_matches_torch_attention(monkeypatch: pytest.M
     model = SReT(cfg).train()
     x = torch.randn(2, 3, 64, 64)
     calls: list[int] = []
-    kernel = native.sliced_attention
-    monkeypatch.setattr(native, "sliced_attention", lambda *a: calls.append(1) or kernel(*a))
+    kernel = native.attention_forward
+    monkeypatch.setattr(native, "attention_forward", lambda *a: calls.append(1) or kernel(*a))
 
     def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
@@ -114,11 +115,11 @@ def test_unavailable_kernel_falls_back_with_one_warning(
     monkeypatch.setenv("CC", "false")  # exits 1 without output
     native.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="sret.native"):
+        with caplog.at_level(logging.WARNING, logger="sret.kernels.native"):
             assert native.library() is None
             qkv = torch.randn(2, 8, 3 * 64)
             assert not native.applies(qkv, 8, 32)
-            out = fused.qkv_attention(qkv, 1, 2, None, 0.0, 32**-0.5)
+            out = kernels.attend(qkv, 1, 2, 32**-0.5)
         assert [r.getMessage() for r in caplog.records if "native kernels off" in r.getMessage()]
         assert "failed" in caplog.text and list(tmp_path.iterdir()) == []  # no half-written library
         torch.testing.assert_close(out, reference(qkv, 1, 2, 32**-0.5))

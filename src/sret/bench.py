@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sret import fused, native
+from sret import kernels
 from sret.info import count_macs, macs_by_module
+from sret.kernels import native, onednn
 from sret.model import MODEL_CONFIGS  # importing the model registers the SReT variants with timm
 from sret.runtime import has_fused_adam, release_cpu_memory
 
@@ -193,14 +194,14 @@ class AttentionTimer:
     """Host time spent attending during a step, forward and backward.
 
     timm's transformers attend through `F.scaled_dot_product_attention` and SReT through
-    `sret.fused.qkv_attention` (SReT's own kernel, or torch's); both are patched for the forward pass,
+    `sret.kernels.attend` (SReT's own kernel, or torch's); both are patched for the forward pass,
     so every model is timed alike: each outermost call is timed around, and its backward from the
     moment the output's gradient is ready to the moment its first input's (the query's, or the qkv
     projection's) gradient is (hooks the call registers). Exact only where kernels run synchronously
     with the host: eager CPU.
     """
 
-    PATCHED = ((F, "scaled_dot_product_attention"), (fused, "qkv_attention"))
+    PATCHED = ((F, "scaled_dot_product_attention"), (kernels, "attend"))
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -403,7 +404,7 @@ def timed(step: Callable[[], None], device: str) -> float:
 def matmul_probe(device: str, amp: str | None, size: int | None = None) -> tuple[Callable[[], None], int]:
     """One large square matmul (warmed up) and its FLOPs: the yardstick of achievable GFLOP/s.
 
-    It runs the GEMM kernel SReT's linear layers use (:func:`sret.fused.matmul_t`: oneDNN's on CPUs
+    It runs the GEMM kernel SReT's linear layers use (:func:`sret.kernels.onednn.linear`: oneDNN's on CPUs
     where it applies, faster than torch's default there), and is timed inside every round-robin round,
     so it sees the same machine load as the models.
     """
@@ -413,7 +414,7 @@ def matmul_probe(device: str, amp: str | None, size: int | None = None) -> tuple
     b = torch.randn(size, size, device=device, dtype=dtype)
 
     def run() -> None:
-        fused.matmul_t(a, b)
+        onednn.linear(a, b)
 
     run()
     return run, 2 * size**3
@@ -626,17 +627,18 @@ def run_benchmark(
 
 
 def fused_kernels_apply(cfg: BenchConfig) -> bool:
-    """Whether SReT runs its oneDNN kernels (:mod:`sret.fused`) in this configuration: asked of
-    `fused.use_onednn` in the step's own context (compiled steps never do)."""
+    """Whether SReT runs its oneDNN kernels (:mod:`sret.kernels.onednn`) in this configuration: asked
+    of `kernels.active` in the step's own context (compiled steps never do)."""
     if cfg.compile:
         return False
     with autocast(cfg):
-        return fused.use_onednn(torch.empty(0, device=cfg.device))
+        x = torch.empty(0, device=cfg.device)
+        return kernels.active(x) and onednn.applies(x)
 
 
 def native_attention_applies(cfg: BenchConfig) -> bool:
     """Whether SReT attends (and, training, back-propagates its GELUs) in its own C kernels
-    (:mod:`sret.native`) in this configuration: eager fp32 CPU steps, where they are available."""
+    (:mod:`sret.kernels.native`) in this configuration: eager fp32 CPU steps, where they are available."""
     if cfg.compile or cfg.amp is not None or torch.device(cfg.device).type != "cpu":
         return False
     return native.library() is not None
@@ -814,12 +816,12 @@ def print_report(result: dict[str, Any]) -> None:
             if cfg["train"]
             else "its larger linear/conv layers in oneDNN with bias, GELU and ReLU fused"
         )
-        ran.append(f"{what} (sret.fused)")
+        ran.append(f"{what} (sret.kernels)")
     if result.get("sret_native_attention"):
         if cfg["train"]:
-            ran.append("its attention and its MLPs' GELU backward in its own C kernels (sret.native)")
+            ran.append("its attention and its MLPs' GELU backward in its own C kernels (sret.kernels.native)")
         else:
-            ran.append("its attention in its own C kernel (sret.native)")
+            ran.append("its attention in its own C kernel (sret.kernels.native)")
     if ran:
         notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:

@@ -1,8 +1,8 @@
 """Parameter and MAC accounting: where a SReT spends its weights and its compute.
 
-MACs are torch's FlopCounterMode total / 2 for one image. Attention is counted through the math
-backend of scaled_dot_product_attention, whose matrix products the counter sees on every device, and
-hidden layers at their true width (without the zero units that only serve GEMM speed).
+MACs are torch's FlopCounterMode total / 2 for one image, counted on the plain modules (the kernels
+switched off) with attention through the math backend of scaled_dot_product_attention, whose matrix
+products the counter sees on every device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sret.model import MODEL_CONFIGS, SReT, StageConfig, exact_hidden_widths
+from sret import kernels
+from sret.model import MODEL_CONFIGS, SReT, StageConfig
 
 # Component of a parameter or module name, first match wins. Coefficients and pre-norms belong to the
 # branch they scale or feed.
@@ -49,10 +50,11 @@ def _count(model: nn.Module, img_size: int | None) -> FlopCounterMode:
     was_training = model.training
     model.eval()
     try:
-        # grad stays enabled: the counter's module tracker fails on parameters passed as inputs under
-        # no_grad, and with autograd on the model runs plain aten ops (not sret.fused's), which it counts
+        # The plain modules, with attention as explicit products: torch's CPU attention kernels have no
+        # flop formula, and SReT's own run only on some CPUs. Grad stays enabled: the counter's module
+        # tracker fails on some timm models (PiT) under no_grad.
         with (
-            exact_hidden_widths(model),
+            kernels.disabled(),
             sdpa_kernel([SDPBackend.MATH]),
             FlopCounterMode(display=False) as counter,
         ):

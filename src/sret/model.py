@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, trunc_normal_, use_fused_attn
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -33,10 +32,9 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from sret import fused
+from sret import kernels
 
 __all__ = [
     "RecursionSchedule",
@@ -45,6 +43,7 @@ __all__ = [
     "StageConfig",
     "checkpoint_filter_fn",
     "official_stages",
+    "resolve_loops",
 ]
 
 Shuffle = Literal["random", "fixed", "none"]
@@ -223,6 +222,7 @@ class Application(NamedTuple):
     groups: int  # token groups of sliced attention
     permute: bool  # permute tokens before grouping (and restore them after attention)
     nll: int | None  # NLL applied afterwards, or None
+    layout: int  # the trained application whose token layout (fixed permutation) this one uses
 
 
 @dataclass(frozen=True)
@@ -230,19 +230,29 @@ class RecursionSchedule:
     """The ordered list of block applications of one stage.
 
     For each unique block r, for each loop l: apply block r, then an NLL (the authors' order).
+
+    Any depth (`loops` other than the stage's own, chosen at inference or sampled in anytime
+    training) runs the same weights: loop l takes the settings (groups, permutation, layout, NLL) of
+    trained loop min(l, L - 1), except that a block's last loop always takes the NLL of its last
+    trained loop, the one that was trained to hand over to the next block. So fewer loops drop middle
+    NLLs, and more loops repeat the last loop's settings.
     """
 
     applications: tuple[Application, ...]
 
     @classmethod
-    def build(cls, stage: StageConfig, nll: NLLSharing) -> RecursionSchedule:
+    def build(cls, stage: StageConfig, nll: NLLSharing, loops: int | None = None) -> RecursionSchedule:
+        loops = stage.loops if loops is None else loops
+        if loops < 1:
+            raise ValueError(f"loops must be >= 1, got {loops}")
         apps = []
         for r in range(stage.blocks):
-            for loop in range(stage.loops):
-                index = len(apps)
-                nll_index = {"application": index, "block": r, "none": None}[nll]
-                groups, permute = stage.groups[loop], stage.permute[loop] and stage.groups[loop] > 1
-                apps.append(Application(r, loop, groups, permute, nll_index))
+            for loop in range(loops):
+                trained = min(loop, stage.loops - 1)
+                closing = stage.loops - 1 if loop == loops - 1 else trained
+                nll_index = {"application": r * stage.loops + closing, "block": r, "none": None}[nll]
+                groups, permute = stage.groups[trained], stage.permute[trained] and stage.groups[trained] > 1
+                apps.append(Application(r, loop, groups, permute, nll_index, r * stage.loops + trained))
         return cls(tuple(apps))
 
     def __iter__(self) -> Iterator[Application]:
@@ -349,35 +359,12 @@ class TokenLayout(nn.Module):
         return token_groups(num_tokens, self.groups, perm.to(device) if perm is not None else None, device)
 
 
-class TokenPermutation(torch.autograd.Function):
-    """`x[:, index]` for a permutation `index` with a known `inverse`: its backward is the inverse
-    gather (a copy), where autograd's generic one scatter-adds (an accumulating index_put, several
-    times slower on CPU for the same result)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:
-    """`x[:, index]`; `inverse`, when given, is the inverse permutation of `index` (see TokenPermutation)."""
-    if inverse is not None and torch.is_grad_enabled() and not fused.recording():
-        return TokenPermutation.apply(x, index, inverse)
-    return x.index_select(1, index)
-
-
 class SlicedAttention(nn.Module):
     """Multi-head self-attention restricted to groups of tokens.
 
-    One call attends all groups: SReT's own CPU kernel where it runs (:mod:`sret.native`), else
-    scaled_dot_product_attention with the groups folded into the batch (:func:`sret.fused.qkv_attention`).
-    With one group and no permutation this is plain ViT attention.
+    The tokens are laid out by a :class:`TokenGroups` (permuted, then cut into groups), attend only
+    within their group, and are put back in their order. With one group and no permutation this is
+    plain ViT attention.
     """
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
@@ -385,168 +372,75 @@ class SlicedAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.attn_drop = attn_drop
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, layout: TokenGroups, proj: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """`proj`: weight and bias to use for the output projection (default: `self.proj`'s own)."""
-        B = x.shape[0]
+    def forward(self, x: Tensor, layout: TokenGroups, gain: Tensor | None = None) -> Tensor:
+        """`gain * proj(attention)`: the residual's branch gain is applied here, by the last linear
+        layer of the branch, where the kernels fold it into its weights."""
+        if kernels.active(x) and not (self.training and self.attn_drop.p > 0):
+            x = kernels.sliced_attention(x, self.qkv, self.proj, self.num_heads, self.scale, layout, gain)
+            return self.proj_drop(x)
+        B, _, C = x.shape
         G, n = layout.groups, layout.size
-        permutation = layout.key_mask is None  # no padding: gather and scatter are mutual inverses
-        if layout.gather is not None:
-            x = take_tokens(x, layout.gather, layout.scatter if permutation else None)
-        qkv = fused.linear(x, self.qkv.weight, self.qkv.bias)
-        mask = None
-        if layout.key_mask is not None:
-            mask = layout.key_mask[None].expand(B, -1, -1, -1).reshape(B * G, 1, 1, n)
-        dropout = self.attn_drop if self.training else 0.0
-        x = fused.qkv_attention(qkv, G, self.num_heads, mask, dropout, self.scale)
-        if layout.scatter is not None:
-            x = take_tokens(x, layout.scatter, layout.gather if permutation else None)
-        weight, bias = proj if proj is not None else (self.proj.weight, self.proj.bias)
-        return self.proj_drop(fused.linear(x, weight, bias))
+        if layout.gather is not None:  # permute (and pad) the tokens into G groups of n
+            x = x[:, layout.gather]
+        qkv = self.qkv(x).reshape(B * G, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * G, heads, n, head_dim)
+        mask = None if layout.key_mask is None else layout.key_mask.repeat(B, 1, 1)[:, None]  # real keys
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn.masked_fill(~mask, float("-inf"))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, G * n, C)  # merge the heads, then the groups
+        if layout.scatter is not None:  # back to the original order
+            x = x[:, layout.scatter]
+        x = self.proj(x)
+        return self.proj_drop(x if gain is None else x * gain)
 
 
 # --------------------------------------------------------------------------------------------------
 # Residuals with learnable coefficients, blocks and NLL
 # --------------------------------------------------------------------------------------------------
-# The paper's residual is `a*x + b*f(x)`. The branch gain b is folded into the weight and bias of the
-# branch's last linear layer (weight-sized work instead of a pass over the activations, forward and
-# backward), and the skip scalar a costs one fused addcmul. A shared block folds its weights once per
-# stage forward, so its L applications share one folded copy (one copy kept for backward, not L).
-Weights = tuple[Tensor, ...]
-
-
 def coefficient(enabled: bool) -> nn.Parameter | None:
     """A learnable residual scalar, initialised to 1 (None when the ablation turns them off)."""
     return nn.Parameter(torch.ones(1)) if enabled else None
 
 
-def gained(linear: nn.Linear, gain: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weight and bias of `gain * linear(x)`."""
-    if gain is None:
-        return linear.weight, linear.bias
-    return linear.weight * gain, linear.bias * gain
-
-
-class ScaledResidual(torch.autograd.Function):
-    """`skip * x + branch` whose scalar gradient takes one pass over the activations instead of three.
-
-    For the scalar's gradient autograd's backward of `addcmul(branch, x, skip)` copies `x * 1`,
-    multiplies the copy by the incoming gradient and sums the product; here it is one dot product."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-        ctx.save_for_backward(x, skip)
-        return torch.addcmul(branch, x, skip)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        x, skip = ctx.saved_tensors
-        need_x, _, need_skip = ctx.needs_input_grad
-        grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1)).view(1) if need_skip else None
-        return grad * skip if need_x else None, grad, grad_skip
-
-
-def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
-    """`skip * x + branch` in one pass; plain `x + branch` when the coefficients are ablated."""
+def residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
+    """The paper's residual `a*x + b*f(x)`: `skip` is a, and `branch` is already `b*f(x)` (each branch
+    applies its gain b in its last linear layer). Plain `x + f(x)` when the coefficients are ablated."""
     if skip is None:
         return x + branch
-    if torch.is_grad_enabled() and fused.plain_eager_fp32(x):
-        return ScaledResidual.apply(x, branch, skip)
-    return torch.addcmul(branch, x, skip)
-
-
-class HiddenRecomputed(torch.autograd.Function):
-    """`fc2(gelu(fc1(x)))` that keeps for backward only `x` and the pre-activation `h`.
-
-    Plain autograd holds both `h` (for GELU's gradient) and `gelu(h)` (for fc2's weight gradient), two
-    hidden-sized tensors per MLP; here fc2's weight gradient recomputes `gelu(h)`, one elementwise
-    pass: a fifth less activation memory in sret_t's fp32 training, at no measurable cost in step
-    time (benchmarks/README.md).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        h = fused.matmul_t(x, w1, b1)
-        ctx.save_for_backward(x, h, w1, w2)
-        return fused.matmul_t(F.gelu(h), w2, b2)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, h, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        grad = grad.contiguous()
-        grad_hidden = fused.matmul_t(grad, w2.t())
-        hidden, grad_h, grad_b1 = fused.gelu_backward(h, grad_hidden, need_w2, need_b1)
-        _, grad_w2, grad_b2 = fused.linear_backward(grad, hidden, w2, False, need_w2, need_b2)
-        del hidden
-        grad_x, grad_w1, _ = fused.linear_backward(grad_h, x, w1, need_x, need_w1, False)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+    if kernels.active(x):
+        return kernels.scaled_residual(x, branch, skip)
+    return skip * x + branch
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU -> dropout -> Linear -> dropout (bias and GELU fused into the GEMM where
-    :mod:`sret.fused` can).
-
-    The zoo's hidden widths (230, 921, 378, ...) are rarely multiples of 8, and CPU GEMM kernels are
-    several times slower on such widths (benchmarks/README.md). So the hidden layer runs padded with
-    zero units up to a multiple of 8: they output GELU(0) = 0 into zero weights and change nothing,
-    while the stored weights keep the official shapes.
-    """
+    """Linear -> GELU -> dropout -> Linear -> dropout."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
-        self.pad = -hidden % 8
 
-    def weights(self, gain: Tensor | None = None) -> Weights:
-        """(w1, b1, w2, b2) as run: hidden padded to a multiple of 8, output gain folded into fc2."""
-        w1, b1 = self.fc1.weight, self.fc1.bias
-        w2, b2 = gained(self.fc2, gain)
-        if self.pad:
-            w1, b1, w2 = F.pad(w1, (0, 0, 0, self.pad)), F.pad(b1, (0, self.pad)), F.pad(w2, (0, self.pad))
-        return w1, b1, w2, b2
-
-    def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
-        w1, b1, w2, b2 = weights if weights is not None else self.weights()
-        if self.recomputes_hidden(x):
-            return self.drop(HiddenRecomputed.apply(x, w1, b1, w2, b2))
-        return self.drop(fused.linear(self.drop(fused.linear(x, w1, b1, gelu=True)), w2, b2))
-
-    def recomputes_hidden(self, x: Tensor) -> bool:
-        """Whether the forward runs as :class:`HiddenRecomputed`: eager fp32 autograd without dropout
-        between the layers (autocast, compilers, exports and inference take the plain ops)."""
-        return (
-            torch.is_grad_enabled() and not (self.training and self.drop.p > 0) and fused.plain_eager_fp32(x)
-        )
-
-
-@contextmanager
-def exact_hidden_widths(model: nn.Module) -> Iterator[None]:
-    """Run `model` without the zero units that pad hidden widths (to count its own MACs, say)."""
-    layers = [m for m in model.modules() if isinstance(m, FeedForward)]
-    pads = [m.pad for m in layers]
-    for m in layers:
-        m.pad = 0
-    try:
-        yield
-    finally:
-        for m, pad in zip(layers, pads, strict=True):
-            m.pad = pad
-
-
-class BlockWeights(NamedTuple):
-    """A block's folded output weights: attention projection and MLP."""
-
-    proj: tuple[Tensor, Tensor]
-    mlp: Weights
+    def forward(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
+        """`gain * fc2(...)`: see :meth:`SlicedAttention.forward`."""
+        if kernels.active(x) and not (self.training and self.drop.p > 0):
+            fc1, fc2 = self.fc1, self.fc2
+            return self.drop(kernels.mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gain))
+        x = self.fc2(self.drop(self.act(self.fc1(x))))
+        return self.drop(x if gain is None else x * gain)
 
 
 class Block(nn.Module):
@@ -571,13 +465,9 @@ class Block(nn.Module):
         self.attn_skip, self.attn_gain = coefficient(coefficients), coefficient(coefficients)
         self.mlp_skip, self.mlp_gain = coefficient(coefficients), coefficient(coefficients)
 
-    def weights(self) -> BlockWeights:
-        return BlockWeights(gained(self.attn.proj, self.attn_gain), self.mlp.weights(self.mlp_gain))
-
-    def forward(self, x: Tensor, layout: TokenGroups, weights: BlockWeights | None = None) -> Tensor:
-        w = weights if weights is not None else self.weights()
-        x = scaled_residual(x, self.drop_path(self.attn(self.norm1(x), layout, w.proj)), self.attn_skip)
-        return scaled_residual(x, self.drop_path(self.mlp(self.norm2(x), w.mlp)), self.mlp_skip)
+    def forward(self, x: Tensor, layout: TokenGroups) -> Tensor:
+        x = residual(x, self.drop_path(self.attn(self.norm1(x), layout, self.attn_gain)), self.attn_skip)
+        return residual(x, self.drop_path(self.mlp(self.norm2(x), self.mlp_gain)), self.mlp_skip)
 
 
 class NonLinearProjection(nn.Module):
@@ -589,12 +479,8 @@ class NonLinearProjection(nn.Module):
         self.mlp = FeedForward(dim, int(dim * ratio), drop)
         self.skip, self.gain = coefficient(coefficients), coefficient(coefficients)
 
-    def weights(self) -> Weights:
-        return self.mlp.weights(self.gain)
-
-    def forward(self, x: Tensor, weights: Weights | None = None) -> Tensor:
-        w = weights if weights is not None else self.weights()
-        return scaled_residual(x, self.mlp(self.norm(x), w), self.skip)
+    def forward(self, x: Tensor) -> Tensor:
+        return residual(x, self.mlp(self.norm(x), self.gain), self.skip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,8 +491,7 @@ class ConvStem(nn.Module):
     """Three 3x3 stride-2 conv-BN-ReLU layers: in_chans -> dim/2 -> dim -> dim, stride 8.
 
     Runs channels-last: the convolutions are faster that way on CPU, and the tokens of the first
-    stage are then a free view of the output. In eval mode BatchNorm is folded into the convolution
-    (a weight-sized computation per call) instead of costing a pass over the activations.
+    stage are then a free view of the output.
     """
 
     def __init__(self, in_chans: int, dim: int) -> None:
@@ -619,8 +504,8 @@ class ConvStem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
-        if not self.training and fused.conv_bn_relu_applies(x):
-            return fused.conv_bn_relu(x, layers)
+        if not (self.training or torch.is_grad_enabled()) and kernels.active(x):
+            return kernels.conv_bn_relu(x, layers)
         for conv, bn in layers:
             x = F.relu(bn(conv(x)), inplace=True)
         return x
@@ -644,6 +529,7 @@ class SReTStage(nn.Module):
     def __init__(self, cfg: SReTConfig, index: int, num_tokens: int, drop_path: Sequence[float]) -> None:
         super().__init__()
         stage = cfg.stages[index]
+        self.config, self.nll_sharing = stage, cfg.nll
         self.schedule = RecursionSchedule.build(stage, cfg.nll)
         self.random = cfg.shuffle == "random"
         self.random_eval = cfg.random_eval
@@ -672,27 +558,31 @@ class SReTStage(nn.Module):
             for i, app in enumerate(self.schedule)
         )
 
+    @property
+    def loops(self) -> int:
+        """Loops each block runs now (the trained count unless :meth:`set_loops` changed it)."""
+        return len(self.schedule) // self.config.blocks
+
+    def set_loops(self, loops: int | None = None) -> None:
+        """Run each block `loops` times (None: the trained count); see :class:`RecursionSchedule`."""
+        self.schedule = RecursionSchedule.build(self.config, self.nll_sharing, loops)
+
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)
         random = self.random and (self.training or self.random_eval)
-        blocks = [block.weights() for block in self.blocks]
-        nlls = [nll.weights() for nll in self.nlls]
-        for app, layout in zip(self.schedule, self.layouts, strict=True):
-            args = (x, app, layout(H * W, random, x.device), blocks[app.block])
-            args += (nlls[app.nll] if app.nll is not None else None,)
+        for app in self.schedule:
+            groups = self.layouts[app.layout](H * W, random, x.device)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._run, *args, use_reentrant=False)
+                x = checkpoint(self.apply_block, x, app, groups, use_reentrant=False)
             else:
-                x = self._run(*args)
+                x = self.apply_block(x, app, groups)
         return x.transpose(1, 2).reshape(B, C, H, W)
 
-    def _run(
-        self, x: Tensor, app: Application, groups: TokenGroups, block: BlockWeights, nll: Weights | None
-    ) -> Tensor:
+    def apply_block(self, x: Tensor, app: Application, groups: TokenGroups) -> Tensor:
         """One application: the shared block, then its NLL."""
-        x = self.blocks[app.block](x, groups, block)
-        return self.nlls[app.nll](x, nll) if app.nll is not None else x
+        x = self.blocks[app.block](x, groups)
+        return self.nlls[app.nll](x) if app.nll is not None else x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -704,6 +594,18 @@ def resized_pos_embed(pos: Tensor, x: Tensor) -> Tensor:
     if pos.shape[-2:] == x.shape[-2:]:
         return pos
     return F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+
+
+def resolve_loops(loops: int | Sequence[int] | None, trained: Sequence[int]) -> tuple[int, ...]:
+    """Loops per stage from one count, one per stage, or None (the trained ones)."""
+    if loops is None:
+        return tuple(trained)
+    counts = (loops,) * len(trained) if isinstance(loops, int) else tuple(loops)
+    if len(counts) != len(trained):
+        raise ValueError(f"loops needs one count or one per stage ({len(trained)}), got {list(counts)}")
+    if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
+        raise ValueError(f"loops must be whole numbers >= 1, got {list(counts)}")
+    return counts
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -791,6 +693,25 @@ class SReT(nn.Module):
         """Recompute every block application (block + its NLL) in backward instead of storing it."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    # ---- anytime depth ---------------------------------------------------------------------------
+    @property
+    def loops(self) -> tuple[int, ...]:
+        """Loops per block of each stage, as the model runs now."""
+        return tuple(stage.loops for stage in self.stages)
+
+    @property
+    def trained_loops(self) -> tuple[int, ...]:
+        """Loops per block of each stage as configured (and trained)."""
+        return tuple(stage.loops for stage in self.cfg.stages)
+
+    def set_loops(self, loops: int | Sequence[int] | None = None) -> None:
+        """Run every block `loops` times (one count for all stages, or one per stage; None: as
+        configured). The weights stay; loops beyond the configured ones repeat the last loop's settings
+        (see :class:`RecursionSchedule`)."""
+        counts = resolve_loops(loops, self.trained_loops)
+        for stage, count in zip(self.stages, counts, strict=True):
+            stage.set_loops(count)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -910,7 +831,7 @@ def convert_official(state_dict: dict[str, Tensor], model: SReT) -> dict[str, Te
         s, j = int(s), int(j)
         if s >= len(model.stages):
             raise ValueError(f"checkpoint key {key} names stage {s}, the model has {len(model.stages)}")
-        schedule = model.stages[s].schedule.applications
+        schedule = RecursionSchedule.build(model.cfg.stages[s], model.cfg.nll).applications
         if j // 2 >= len(schedule):
             raise ValueError(f"checkpoint key {key}: stage {s} has only {len(schedule)} applications")
         app = schedule[j // 2]

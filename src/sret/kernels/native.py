@@ -7,7 +7,7 @@ a time from the qkv projection's output and writes the result, or the qkv gradie
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
 forward and backward (`benchmarks/README.md`).
 
-The MLP's backward (:class:`sret.model.HiddenRecomputed`) needs the GELU recomputed, the gradient
+The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
 through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three.
 
 Both need an x86 CPU with AVX-512 and, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 _logger = logging.getLogger(__name__)
 
@@ -116,9 +115,15 @@ def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
     return _runs_on(qkv) and head_dim <= MAX_HEAD_DIM and tokens <= MAX_TOKENS and library() is not None
 
 
-def _forward(
+def attention_forward(
     qkv: Tensor, groups: int, heads: int, scale: float, keep_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
+    """Softmax attention within `groups` contiguous token groups, and (if `keep_lse`) the log-sum-exp
+    of every query's scores, which the backward needs.
+
+    qkv: (B, groups * n, 3 * C), the qkv projection's output (q, k, v, each `heads` heads of C / heads
+    channels); returns (B, groups * n, C), heads side by side, as the output projection takes them.
+    Check :func:`applies` first."""
     batch, tokens, width = qkv.shape
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
@@ -130,6 +135,23 @@ def _forward(
     if status:
         raise MemoryError("native attention could not allocate its scratch buffers")
     return out, lse
+
+
+def attention_backward(
+    grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, groups: int, heads: int, scale: float
+) -> Tensor:
+    """The gradient of :func:`attention_forward`'s output with respect to `qkv`, from the output and
+    log-sum-exp it kept (the scores are recomputed, never stored)."""
+    grad = grad.contiguous()
+    grad_qkv = torch.empty_like(qkv)
+    batch, tokens, width = qkv.shape
+    status = library().sret_attention_backward(
+        qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
+        batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("native attention could not allocate its scratch buffers")
+    return grad_qkv
 
 
 def gelu_backward_applies(h: Tensor, grad: Tensor) -> bool:
@@ -152,39 +174,3 @@ def gelu_backward(
     if status:
         raise MemoryError("native GELU backward could not allocate its buffers")
     return hidden, grad, bias
-
-
-class _SlicedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv: Tensor, groups: int, heads: int, scale: float) -> Tensor:
-        out, lse = _forward(qkv, groups, heads, scale, keep_lse=True)
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.layout = groups, heads, scale
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        qkv, out, lse = ctx.saved_tensors
-        groups, heads, scale = ctx.layout
-        grad = grad.contiguous()
-        grad_qkv = torch.empty_like(qkv)
-        batch, tokens, width = qkv.shape
-        status = library().sret_attention_backward(
-            qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
-            batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise MemoryError("native attention could not allocate its scratch buffers")
-        return grad_qkv, None, None, None
-
-
-def sliced_attention(qkv: Tensor, groups: int, heads: int, scale: float) -> Tensor:
-    """Softmax attention within `groups` contiguous token groups.
-
-    qkv: (B, groups * n, 3 * C), the qkv projection's output (q, k, v, each `heads` heads of C / heads
-    channels); returns (B, groups * n, C), heads side by side, as the output projection takes them.
-    Check :func:`applies` first."""
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return _SlicedAttention.apply(qkv, groups, heads, scale)
-    return _forward(qkv, groups, heads, scale, keep_lse=False)[0]

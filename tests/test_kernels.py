@@ -1,0 +1,287 @@
+"""sret.kernels: each entry point against the plain module it stands for, forward and backward, and
+the operators as tools see them (FlopCounterMode, FakeTensorMode, torch.func, torch.compile)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+import sret
+from sret import kernels
+from sret.info import count_macs
+from sret.kernels import native, onednn
+from sret.model import ConvStem, FeedForward, SlicedAttention, SReT, SReTConfig, StageConfig, token_groups
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX-512 CPU or no C compiler here")
+
+
+def tiny_cfg(**kw) -> SReTConfig:
+    stages = (
+        StageConfig(16, 2, blocks=2, loops=2, groups=(4, 2), permute=(False, True)),
+        StageConfig(32, 4, blocks=1, loops=3, groups=(2, 1, 2), permute=(False, False, True)),
+    )
+    return SReTConfig(
+        stages, mlp_ratio=2.0, img_size=32, num_classes=5, shuffle="fixed", drop_path_rate=0.0, **kw
+    )
+
+
+def outputs_and_grads(module: torch.nn.Module, *inputs: Tensor, plain: bool) -> tuple[Tensor, list[Tensor]]:
+    """The output for `inputs` and the gradients of a fixed random projection of it with respect to
+    the inputs and every parameter, through the kernels or (`plain`) the plain modules."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    params = [p for p in module.parameters() if p.requires_grad]
+    with kernels.disabled() if plain else torch.enable_grad():
+        out = module(*leaves)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    return out.detach(), list(
+        torch.autograd.grad((out * weights).sum(), [*leaves, *params], allow_unused=True)
+    )
+
+
+def assert_same(module: torch.nn.Module, *inputs: Tensor, atol: float = 1e-5) -> None:
+    ours, ours_grads = outputs_and_grads(module, *inputs, plain=False)
+    ref, ref_grads = outputs_and_grads(module, *inputs, plain=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=atol)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+
+
+# ---- each entry point against its plain module ------------------------------------------------------
+@pytest.mark.parametrize(("tokens", "groups"), [(98, 8), (49, 1), (196, 2), (50, 3), (10, 4)])
+@pytest.mark.parametrize("permute", [False, True])
+def test_sliced_attention_matches_the_plain_module(tokens: int, groups: int, permute: bool) -> None:
+    """Unpadded layouts attend in SReT's C kernel (where it runs) or torch's, padded ones with a key
+    mask; a gain is folded into the output projection."""
+    torch.manual_seed(0)
+    attn = SlicedAttention(64, 2)
+    layout = token_groups(tokens, groups, torch.randperm(tokens) if permute else None)
+    gain = torch.tensor([0.7], requires_grad=True)
+
+    class WithLayout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.gain = attn, torch.nn.Parameter(gain)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.attn(x, layout, self.gain)
+
+    assert_same(WithLayout(), torch.randn(3, tokens, 64))
+    with torch.no_grad():
+        x = torch.randn(2, tokens, 64)
+        with kernels.disabled():
+            ref = attn(x, layout)
+        torch.testing.assert_close(attn(x, layout), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [37, 64, 230])
+def test_mlp_matches_the_plain_module(hidden: int) -> None:
+    """Hidden widths not a multiple of 8 run padded; the gain is folded into fc2."""
+    torch.manual_seed(0)
+    mlp = FeedForward(32, hidden)
+    gain = torch.nn.Parameter(torch.tensor([1.3]))
+
+    class WithGain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp, self.gain = mlp, gain
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.mlp(x, self.gain)
+
+    assert_same(WithGain(), torch.randn(2, 7, 32))
+
+
+def test_mlp_training_keeps_one_hidden_tensor() -> None:
+    """Autograd would hold fc1's output and its GELU for backward; the kernel holds only the former
+    (the GELU is recomputed in backward)."""
+    mlp = FeedForward(16, 40)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    def hidden_tensors_saved(plain: bool) -> int:
+        shapes = []
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t)
+        with hooks, kernels.disabled() if plain else torch.enable_grad():
+            mlp(x)
+        return sum(shape.numel() == 2 * 5 * 40 for shape in shapes)  # activations, not weights
+
+    assert (hidden_tensors_saved(False), hidden_tensors_saved(True)) == (1, 2)
+
+
+def test_scaled_residual_matches_addcmul() -> None:
+    x, branch = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    skip = torch.tensor([0.7], requires_grad=True)
+    g = torch.randn(2, 5, 8)
+    ours, plain = kernels.scaled_residual(x, branch, skip), skip * x + branch
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(
+        torch.autograd.grad(ours, (x, branch, skip), g),
+        torch.autograd.grad(plain, (x, branch, skip), g),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_stem_matches_the_plain_module_and_keeps_non_finite_values() -> None:
+    """BatchNorm folded and ReLU fused in eval; a NaN image gives NaN alone, whatever the batch."""
+    torch.manual_seed(0)
+    stem = ConvStem(3, 64)
+    for bn in (stem.bn1, stem.bn2, stem.bn3):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    stem.eval()
+    x = torch.randn(4, 3, 224, 224)
+    x[1, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        ours = stem(x)
+        with kernels.disabled():
+            ref = stem(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert ours[1].isnan().any() and not ours[[0, 2, 3]].isnan().any()
+
+
+def test_attention_fallback_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without SReT's kernel, short groups attend by plain products and longer ones through torch's
+    fused kernel: the same outputs and gradients either way."""
+    monkeypatch.setattr(native, "applies", lambda *a: False)
+    for tokens in (49, 98):
+        qkv = torch.randn(2, 2 * tokens, 3 * 64, requires_grad=True)
+        with torch.profiler.profile() as prof:
+            ours = kernels.attend(qkv, 2, 2, 32**-0.5)
+        assert any("flash_attention" in e.name for e in prof.events()) is (
+            tokens > kernels.UNFUSED_ATTENTION_TOKENS
+        )
+        q, k, v = qkv.reshape(4, tokens, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
+        ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 2 * tokens, 64)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, qkv, g)[0], torch.autograd.grad(ref, qkv, g)[0], rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_OPS, reason="this torch build has no oneDNN fused ops")
+def test_onednn_runs_where_it_gains_and_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = SReT(tiny_cfg()).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(x)  # products this small cost more through oneDNN: torch's ops run
+    assert not any("pointwise" in e.name for e in prof.events())
+    monkeypatch.setattr(onednn, "ONEDNN_MIN_MACS", 0)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = model(x)
+    calls = [e.name for e in prof.events() if "pointwise" in e.name]
+    assert any("_linear_pointwise" in c for c in calls) and any("_convolution_pointwise" in c for c in calls)
+    with torch.no_grad(), monkeypatch.context() as torch_only:
+        torch_only.setattr(onednn, "ONEDNN_OPS", False)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    ours = outputs_and_grads(model, x, plain=False)
+    monkeypatch.setattr(onednn, "ONEDNN_OPS", False)
+    theirs = outputs_and_grads(model, x, plain=False)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_model_matches_the_plain_modules_in_training() -> None:
+    """Every kernel together (permutations, residuals, MLPs, attention, with padded groups): the loss
+    and every gradient of the plain modules."""
+    torch.manual_seed(0)
+    assert_same(SReT(tiny_cfg()).train(), torch.randn(2, 3, 32, 32), atol=1e-4)
+
+
+# ---- the operators, as tools see them -----------------------------------------------------------------
+def test_kernels_step_aside_for_autocast_and_compilers() -> None:
+    x = torch.randn(2, 3)
+    assert kernels.active(x) and not kernels.active(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.active(x)
+    with kernels.disabled():
+        assert not kernels.active(x)
+    assert torch.compile(lambda t: t * kernels.active(t), fullgraph=True, backend="eager")(x).eq(0).all()
+
+
+def r(*shape: int) -> Tensor:
+    return torch.randn(shape)
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        (torch.ops.sret.linear, (r(2, 5, 8), r(12, 8), r(12))),
+        (torch.ops.sret.linear_backward, (r(2, 5, 12), r(2, 5, 8), r(12, 8), True)),
+        (torch.ops.sret.mlp, (r(2, 5, 8), r(13, 8), r(13), r(8, 13), r(8), True)),
+        (torch.ops.sret.mlp_backward, (r(2, 5, 8), r(2, 5, 8), r(2, 5, 16), r(13, 8), r(8, 13), True)),
+        (torch.ops.sret.conv_bn_relu, (r(1, 3, 16, 16), [r(4, 3, 3, 3), r(8, 4, 3, 3)], [r(4), r(8)], 2, 1)),
+    ],
+)
+def test_operators_pass_torch_opcheck(op, args) -> None:
+    """Schema, fake implementation (shapes, strides, dtypes) and dispatch, as torch checks them."""
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_native
+def test_attention_operators_pass_torch_opcheck() -> None:
+    qkv = torch.randn(2, 4 * 49, 3 * 64)
+    torch.library.opcheck(
+        torch.ops.sret.sliced_attention,
+        (qkv, 4, 2, 0.17, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    out, lse = torch.ops.sret.sliced_attention(qkv, 4, 2, 0.17, True)
+    args = (torch.randn_like(out), qkv, out, lse, 4, 2, 0.17)
+    torch.library.opcheck(
+        torch.ops.sret.sliced_attention_backward, args, test_utils=("test_schema", "test_faketensor")
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["sret_t", "sret_lt_noslice", "sret_s", "sret_nano", "sret_deep_100"])
+def test_flop_counter_sees_the_kernels_with_their_real_cost(name: str) -> None:
+    """A stock FlopCounterMode, kernels active, counts each zoo model's MACs within 1% of `sret info`."""
+    model = sret.create_model(name).eval()
+    x = torch.zeros(1, 3, *model.img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.sret.sliced_attention] > 0 and counts[torch.ops.sret.mlp] > 0
+    assert counter.get_total_flops() // 2 == pytest.approx(count_macs(model), rel=0.01)
+
+
+def test_flop_counter_counts_the_backward_operators() -> None:
+    model = SReT(tiny_cfg())
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.sret.mlp_backward] == 2 * counts[torch.ops.sret.mlp]
+    assert counts[torch.ops.sret.linear_backward] == 2 * counts[torch.ops.sret.linear]
+
+
+def test_fake_tensors_run_the_whole_model() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = SReT(tiny_cfg())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(2, 3, 32, 32))
+        model.eval()
+        assert model(x).shape == (2, 5)
+        model.train()
+        model(x).sum().backward()
+
+
+def test_torch_func_grad_through_the_kernels_equals_autograd() -> None:
+    torch.manual_seed(0)
+    model = SReT(tiny_cfg()).eval()  # BatchNorm's running statistics would be a mutation under the transform
+    x = torch.randn(2, 3, 32, 32)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    model.zero_grad()
+    with kernels.disabled():
+        model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
