@@ -13,7 +13,7 @@ LAYERS = (
     ("kernels",),
     ("data", "plots"),
     ("model",),
-    ("checkpoint", "variants", "info"),
+    ("checkpoint", "variants", "info", "anytime"),
     ("evaluate", "export", "bench"),
     ("train",),
     ("ablate",),

@@ -78,6 +78,7 @@ class Variant:
     name: str
     overrides: dict[str, Any]  # as the grid wrote them
     model_args: dict[str, Any]  # resolved: what the cells' `model_args` hold
+    settings: dict[str, Any] = field(default_factory=dict)  # the variant's own training options (`set:`)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,9 @@ class Grid:
             recipe=self.recipe,
             model=self.model,
             settings={k: v for k, v in self.settings.items() if k not in ("data_dir", "workers")},
-            variants={v.name: v.model_args for v in self.variants},
+            variants={
+                v.name: [v.model_args, v.settings] if v.settings else v.model_args for v in self.variants
+            },
         )
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -198,14 +201,22 @@ def _variant(grid: Grid, name: str, overrides: Any) -> Variant:
         raise UserError(f"{where}: names may hold letters, digits, '-' and '_' only")
     if not isinstance(overrides, dict):
         raise UserError(f"{where}: overrides must be a mapping of model option: value, got {overrides!r}")
+    overrides = dict(overrides)
+    settings = overrides.pop("set", None) or {}
+    if not isinstance(settings, dict) or set(settings) & set(OWNED):
+        raise UserError(
+            f"{where}: `set:` must be a mapping of training options other than {', '.join(OWNED)}"
+        )
     try:
         model_args = resolve_overrides(grid.model, grid.base, overrides)
-        cfg = resolve_config(grid.recipe, model=grid.model, model_args=model_args, **grid.settings)
+        cfg = resolve_config(
+            grid.recipe, model=grid.model, model_args=model_args, **grid.settings, **settings
+        )
         create_model(cfg.model, img_size=cfg.img_size, **model_args)
     except (UserError, ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
     grid.configs[name] = cfg
-    return Variant(name, dict(overrides), model_args)
+    return Variant(name, overrides, model_args, settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,6 +252,7 @@ def cell_command(grid: Grid, cell: Cell, layout: Layout, threads: int) -> list[s
         return [*base, "--resume", str(run_dir), *moved]
     options = {
         **grid.settings,
+        **cell.variant.settings,
         "model": grid.model,
         "model_args": cell.variant.model_args,
         "seed": cell.seed,

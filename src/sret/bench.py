@@ -66,6 +66,7 @@ class BenchConfig:
     amp: str | None = None  # 'bf16' or None
     threads: int | None = None
     shuffle: str | None = None  # override for SReT models
+    loops: int | tuple[int, ...] | None = None  # SReT models run at this depth (see SReT.set_loops)
     # Stochastic depth for every model alike, so each training step does the same kind of work. 0.1 is
     # the ImageNet recipe of SReT and of DeiT; timm's own constructors default to 0 while SReT's to 0.1.
     drop_path: float = 0.1
@@ -167,6 +168,8 @@ def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]
     if cfg.img_size is not None:
         optional["img_size"] = cfg.img_size
     model = _create(contender.name, kwargs, optional)
+    if cfg.loops is not None and is_sret(contender.name):
+        model.set_loops(cfg.loops)
     if contender.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(cfg.device), cfg.img_size or default_img_size(model)

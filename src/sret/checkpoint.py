@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -173,14 +173,18 @@ def load_weights(
 
 
 def model_from_weights(
-    path: str | os.PathLike, model_name: str | None = None, **overrides: Any
+    path: str | os.PathLike,
+    model_name: str | None = None,
+    loops: int | Sequence[int] | None = None,
+    **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model a weights file holds, and the file's metadata (see :func:`read_metadata`).
 
     The architecture comes from the metadata that `sret train` and :func:`save_weights` store (the
     model name and its arguments); `model_name` names it for a file without metadata (the authors'
-    `.pth`), and `overrides` replace arguments (img_size, shuffle, ...). The one way train, eval,
-    predict and export rebuild a model from a file.
+    `.pth`), and `overrides` replace arguments (img_size, shuffle, ...); `loops` runs the blocks that
+    many times (see :meth:`sret.model.SReT.set_loops`). The one way train, eval, predict and export
+    rebuild a model from a file.
     """
     path = Path(path)
     if not path.is_file():
@@ -201,7 +205,7 @@ def model_from_weights(
     if "num_classes" not in args and head is not None:
         args["num_classes"] = head.shape[0]  # a file without metadata: its own classifier decides
     try:
-        model = load_weights(create_model(name, **args), state, path, new_head=False)
+        model = load_weights(create_model(name, loops=loops, **args), state, path, new_head=False)
     except (ValueError, TypeError) as e:
         raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     check_info(meta.get("info") or {}, model, path)
@@ -228,6 +232,7 @@ def create_model(
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     new_head: bool | None = None,
+    loops: int | Sequence[int] | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered SReT variant, optionally loading weights.
@@ -240,6 +245,8 @@ def create_model(
         new_head: whether a checkpoint classifier of another shape is replaced by a new one (default:
             when `num_classes` is given, i.e. fine-tuning to another class count); otherwise such a
             checkpoint is an error naming both shapes.
+        loops: run each block this many times (one count, or one per stage) instead of the
+            configured count: any depth from one set of weights (:meth:`sret.model.SReT.set_loops`).
         overrides: replace config fields (num_classes, img_size, shuffle, drop_path_rate, ...).
     """
     arch = name.split(".", 1)[0]
@@ -254,4 +261,6 @@ def create_model(
         load_checkpoint(
             model, checkpoint_path, new_head="num_classes" in overrides if new_head is None else new_head
         )
+    if loops is not None:
+        model.set_loops(loops)
     return model

@@ -14,6 +14,9 @@ app = typer.Typer(
 )
 
 
+LOOPS_HELP = "Loops per block: one count for every stage, or one per stage (3 or 3,2,2)."
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""
@@ -26,6 +29,7 @@ def models_cmd() -> None:
 def info_cmd(
     name: str = typer.Argument(..., help="Model name, e.g. sret_t."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the model's)."),
+    loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Params and MACs of a model, split by stem / attention / MLP / NLL / pooling / head and by stage."""
@@ -34,7 +38,7 @@ def info_cmd(
     from sret.info import model_info, print_info
 
     try:
-        info = model_info(name, img_size)
+        info = model_info(name, img_size, parse_loops(loops))
     except ValueError as e:
         raise _user_error(e, code=2) from None
     if as_json:
@@ -56,6 +60,7 @@ def bench_cmd(
     amp: str | None = typer.Option(None, "--amp", help="Autocast dtype: bf16."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
     shuffle: str | None = typer.Option(None, "--shuffle", help="Override SReT shuffle: none, fixed, random."),
+    loops: str | None = typer.Option(None, "--loops", help="SReT models: " + LOOPS_HELP),
     drop_path: float = typer.Option(
         0.1, "--drop-path", help="Stochastic depth rate, the same for every model (training cost)."
     ),
@@ -106,6 +111,7 @@ def bench_cmd(
             amp=amp,
             threads=threads,
             shuffle=shuffle,
+            loops=parse_loops(loops),
             drop_path=drop_path,
             warmup=warmup,
             repeats=repeats,
@@ -129,6 +135,21 @@ def bench_cmd(
         typer.echo(json.dumps(result, indent=2))
     else:
         print_report(result)
+
+
+def parse_loops(text: str | None) -> int | tuple[int, ...] | None:
+    """`--loops 3` or `--loops 3,2,2` (one per stage); a bad value is a usage error."""
+    if text is None:
+        return None
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise _user_error(
+            ValueError(f"--loops takes whole numbers, e.g. 3 or 3,2,2; got {text!r}"), code=2
+        ) from None
+    if any(c < 1 for c in counts):
+        raise _user_error(ValueError(f"--loops must be >= 1, got {text!r}"), code=2)
+    return counts[0] if len(counts) == 1 else counts
 
 
 def _user_error(e: BaseException, code: int = 1) -> typer.Exit:
@@ -300,6 +321,14 @@ def eval_cmd(
     skip_bad_images: bool = typer.Option(
         False, "--skip-bad-images", help="Leave unreadable images out of the scores instead of stopping."
     ),
+    loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
+    exit_confidence: float | None = typer.Option(
+        None,
+        "--exit-confidence",
+        min=0.0,
+        max=1.0,
+        help="Early exit: run each image at 1, 2, ... loops until its top probability reaches this.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Top-1/top-5 accuracy, loss, per-class accuracy and a confusion matrix on a validation split."""
@@ -312,7 +341,17 @@ def eval_cmd(
     path = Path(checkpoint)
     png = Path(confusion) if confusion else path.with_name(f"{path.stem}_confusion_{dataset or 'val'}.png")
     try:
-        result = evaluate(checkpoint, dataset, data_dir, batch_size, device, png, skip_bad_images)
+        result = evaluate(
+            checkpoint,
+            dataset,
+            data_dir,
+            batch_size,
+            device,
+            png,
+            skip_bad_images,
+            parse_loops(loops),
+            exit_confidence,
+        )
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
     if result.skipped:
@@ -326,6 +365,8 @@ def eval_cmd(
             confusion_png=str(png),
             per_class=dict(zip(result.classes, result.per_class, strict=True)),
         )
+        if result.exit_loops is not None:
+            payload.update(exit_loops=result.exit_loops, mean_macs=result.mean_macs)
         typer.echo(json.dumps(payload, indent=2))
         return
     from rich.console import Console
@@ -337,6 +378,11 @@ def eval_cmd(
     console = Console()
     console.print(table)
     console.print(f"top-1 {result.acc1:.4f}  top-5 {result.acc5:.4f}  loss {result.loss:.4f}")
+    if result.exit_loops is not None:
+        stops = ", ".join(f"{n} at {k}" for k, n in sorted(result.exit_loops.items()))
+        console.print(
+            f"early exit: images stopped {stops} loops; {result.mean_macs / 1e6:.1f} MMACs per image"
+        )
     console.print(f"confusion matrix: {png}")
 
 
@@ -350,6 +396,14 @@ def predict_cmd(
     skip_bad_images: bool = typer.Option(
         False, "--skip-bad-images", help="Skip unreadable images with a warning instead of stopping."
     ),
+    loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
+    exit_confidence: float | None = typer.Option(
+        None,
+        "--exit-confidence",
+        min=0.0,
+        max=1.0,
+        help="Early exit: run each image at 1, 2, ... loops until its top probability reaches this.",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON: {image: {class: probability}}, null for a skipped image."
     ),
@@ -361,7 +415,9 @@ def predict_cmd(
     from sret.io import UserError
 
     try:
-        result = predict(checkpoint, images, topk, device, batch_size, skip_bad_images)
+        result = predict(
+            checkpoint, images, topk, device, batch_size, skip_bad_images, parse_loops(loops), exit_confidence
+        )
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
     for path in result.skipped:
@@ -371,7 +427,7 @@ def predict_cmd(
         typer.echo(json.dumps(doc | dict.fromkeys(result.skipped), indent=2))
         return
     for img, ranked in result.ranked.items():
-        typer.echo(img)
+        typer.echo(f"{img}  (stopped at {result.loops[img]} loops)" if img in result.loops else img)
         for cls, p in ranked:
             typer.echo(f"  {p:7.2%}  {cls}")
 
@@ -393,13 +449,16 @@ def export_cmd(
     ),
     random_init: bool = typer.Option(False, "--random-init", help="CHECKPOINT is a model name; random init."),
     atol: float = typer.Option(1e-4, "--atol", help="Largest accepted |exported - PyTorch|."),
+    loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
 ) -> None:
     """Export to ONNX, TorchScript or a torch.export program, verified against PyTorch before writing."""
     from sret.export import ExportMismatch, ExportRefused, export_model
     from sret.io import UserError
 
     try:
-        result = export_model(checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol)
+        result = export_model(
+            checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol, parse_loops(loops)
+        )
     except ExportRefused as e:
         raise _user_error(e, code=3) from None
     except UserError as e:  # the checkpoint: missing, unreadable, or not what it says

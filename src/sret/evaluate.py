@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,9 +20,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
+from sret.anytime import depths, early_exit
 from sret.checkpoint import model_from_weights
 from sret.data import IGNORE_LABEL, Preprocess, RGBLoader, SkippedImage, build_datasets
+from sret.info import count_macs
 from sret.io import UserError, atomic_write, read_mapping
+from sret.model import SReT
 
 
 @torch.no_grad()
@@ -46,6 +49,45 @@ def collect_logits(
     return torch.cat(outs), torch.cat(labels).long()
 
 
+class Exits(NamedTuple):
+    """Early exit over a data set: the depth each image stopped at and the MACs it cost."""
+
+    loops: Tensor
+    macs: Tensor
+
+
+def macs_per_depth(model: SReT, max_loops: int | None = None) -> list[int]:
+    """One image's multiply-accumulates at each depth early exit tries."""
+    before = model.loops
+    try:
+        counts = []
+        for k in depths(model, max_loops):
+            model.set_loops(tuple(min(k, t) for t in model.trained_loops))
+            counts.append(count_macs(model))
+        return counts
+    finally:
+        model.set_loops(before)
+
+
+@torch.no_grad()
+def collect_early_exit(
+    model: SReT, loader: DataLoader, device: torch.device, confidence: float, max_loops: int | None = None
+) -> tuple[Tensor, Tensor, Exits]:
+    """:func:`collect_logits`, each image run only as deep as it needs (:func:`sret.anytime.early_exit`)."""
+    model.eval()
+    macs = macs_per_depth(model, max_loops)
+    outs, labels, loops, spent = [], [], [], []
+    for batch in loader:
+        result = early_exit(model, batch[0].to(device), confidence, max_loops, macs)
+        outs.append(result.logits.cpu())
+        labels.append(batch[1])
+        loops.append(result.loops)
+        spent.append(result.macs)
+    if not outs:
+        raise UserError("the evaluation set is empty")
+    return torch.cat(outs), torch.cat(labels).long(), Exits(torch.cat(loops), torch.cat(spent))
+
+
 def scored(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """The rows that count in a score: without the stand-ins of unreadable validation images."""
     keep = labels != IGNORE_LABEL
@@ -62,11 +104,14 @@ class Trained:
     run_config: dict[str, Any]
 
 
-def load_trained(checkpoint: str | Path, device: str = "cpu") -> Trained:
-    """Rebuild the model, its class names and preprocessing from the safetensors metadata (or
-    `classes.json` beside it), and read the run's `config.yaml` beside it when there is one."""
+def load_trained(
+    checkpoint: str | Path, device: str = "cpu", loops: int | Sequence[int] | None = None
+) -> Trained:
+    """Rebuild the model (at `loops`, if given), its class names and preprocessing from the
+    safetensors metadata (or `classes.json` beside it), and read the run's `config.yaml` beside it
+    when there is one."""
     path = Path(checkpoint)
-    model, meta = model_from_weights(path)
+    model, meta = model_from_weights(path, loops=loops)
     info_path = path.parent / "classes.json"  # beside weights written before they carried the info
     info = meta.get("info") or (json.loads(info_path.read_text()) if info_path.is_file() else {})
     num_classes = meta.get("model_args", {}).get("num_classes", getattr(model, "num_classes", 0))
@@ -90,6 +135,8 @@ class EvalResult:
     confusion: Tensor
     classes: list[str]
     skipped: int = 0  # unreadable images left out (with skip_bad_images)
+    exit_loops: dict[int, int] | None = None  # early exit: images that stopped at each depth
+    mean_macs: float | None = None  # early exit: multiply-accumulates per image, on average
 
 
 def evaluate(
@@ -100,13 +147,17 @@ def evaluate(
     device: str = "cpu",
     confusion_png: str | Path | None = None,
     skip_bad_images: bool = False,
+    loops: int | Sequence[int] | None = None,
+    exit_confidence: float | None = None,
 ) -> EvalResult:
     """Top-1/top-5, loss, per-class accuracy and confusion matrix on a data set's validation split.
 
     The data set, folder, split seed and validation fraction default to the run's own, so
-    `sret eval runs/x/best.safetensors` scores exactly the held-out images of that run.
+    `sret eval runs/x/best.safetensors` scores exactly the held-out images of that run. `loops` runs
+    the model at that depth; `exit_confidence` runs each image only as deep as it needs to reach that
+    softmax confidence (up to `loops`, one count, if given).
     """
-    trained = load_trained(checkpoint, device)
+    trained = load_trained(checkpoint, device, None if exit_confidence is not None else loops)
     cfg = trained.run_config
     dataset = dataset or cfg.get("dataset")
     if dataset is None:
@@ -126,8 +177,29 @@ def evaluate(
             f"{dataset} has {len(splits.classes)} classes, the model predicts {len(trained.classes)}"
         )
     loader = DataLoader(splits.val, batch_size=batch_size)
-    logits, labels = scored(*collect_logits(trained.model, loader, torch.device(device)))
-    return replace(score(logits, labels, trained.classes, confusion_png), skipped=splits.skipped)
+    if exit_confidence is None:
+        logits, labels = scored(*collect_logits(trained.model, loader, torch.device(device)))
+        return replace(score(logits, labels, trained.classes, confusion_png), skipped=splits.skipped)
+    model = require_sret(trained.model)
+    if loops is not None and not isinstance(loops, int):
+        raise ValueError("with early exit, loops is one count: the deepest depth tried")
+    logits, labels, exits = collect_early_exit(model, loader, torch.device(device), exit_confidence, loops)
+    keep = labels != IGNORE_LABEL
+    result = score(logits[keep], labels[keep], trained.classes, confusion_png)
+    stopped = exits.loops[keep]
+    histogram = {int(k): int((stopped == k).sum()) for k in stopped.unique()}
+    return replace(
+        result,
+        skipped=splits.skipped,
+        exit_loops=histogram,
+        mean_macs=float(exits.macs[keep].double().mean()),
+    )
+
+
+def require_sret(model: nn.Module) -> SReT:
+    if not isinstance(model, SReT):
+        raise UserError(f"{type(model).__name__} has no loops to choose: early exit needs a SReT")
+    return model
 
 
 def score(logits: Tensor, labels: Tensor, classes: list[str], confusion_png: str | Path | None) -> EvalResult:
@@ -172,6 +244,7 @@ class Predictions(NamedTuple):
 
     ranked: dict[str, list[tuple[str, float]]]  # image path -> [(class name, probability)], best first
     skipped: list[str]  # unreadable images, with skip_bad_images
+    loops: dict[str, int]  # with early exit: the depth each image stopped at (else empty)
 
 
 def image_files(paths: list[str | Path]) -> list[str]:
@@ -197,13 +270,21 @@ def predict(
     device: str = "cpu",
     batch_size: int = 64,
     skip_bad_images: bool = False,
+    loops: int | Sequence[int] | None = None,
+    exit_confidence: float | None = None,
 ) -> Predictions:
     """Top-k (class name, probability) for each image file (or each image in a folder), `batch_size`
-    images at a time, so a folder of any size runs in bounded memory."""
+    images at a time, so a folder of any size runs in bounded memory. `loops` and `exit_confidence`
+    as in :func:`evaluate`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if exit_confidence is not None and loops is not None and not isinstance(loops, int):
+        raise ValueError("with early exit, loops is one count: the deepest depth tried")
     files = image_files(images)  # every path checked before the model is built
-    trained = load_trained(checkpoint, device)
+    trained = load_trained(checkpoint, device, None if exit_confidence is not None else loops)
+    if exit_confidence is not None:
+        require_sret(trained.model)
+    stopped: dict[str, int] = {}
     tf, load = trained.pre.eval_transform(), RGBLoader(strict=not skip_bad_images)
     ranked, skipped = {}, []
     k = min(topk, len(trained.classes))
@@ -218,9 +299,15 @@ def predict(
             names.append(path)
         if not batch:
             continue
-        with torch.inference_mode():
-            probs = trained.model(torch.stack(batch).to(device)).float().softmax(-1).cpu()
+        inputs = torch.stack(batch).to(device)
+        if exit_confidence is not None:
+            result = early_exit(trained.model, inputs, exit_confidence, loops)
+            probs = result.logits.softmax(-1).cpu()
+            stopped.update(zip(names, result.loops.tolist(), strict=True))
+        else:
+            with torch.inference_mode():
+                probs = trained.model(inputs).float().softmax(-1).cpu()
         values, indices = probs.topk(k, dim=1)
         for name, vs, ids in zip(names, values.tolist(), indices.tolist(), strict=True):
             ranked[name] = [(trained.classes[i], p) for p, i in zip(vs, ids, strict=True)]
-    return Predictions(ranked, skipped)
+    return Predictions(ranked, skipped, stopped)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ def build_model(
     img_size: int | None = None,
     shuffle: str | None = None,
     random_init: bool = False,
+    loops: int | Sequence[int] | None = None,
 ) -> tuple[nn.Module, str]:
     """The model in eval mode, from our safetensors (architecture from its metadata) or a `.pth` + name.
 
@@ -71,10 +72,10 @@ def build_model(
         overrides["shuffle"] = shuffle
     if random_init:
         name = model_name or str(source)
-        return create_model(name, **overrides).eval(), name
+        return create_model(name, loops=loops, **overrides).eval(), name
     if not Path(source).is_file():
         raise UserError(f"checkpoint not found: {source} (a model name needs --random-init)")
-    model, meta = model_from_weights(source, model_name, **overrides)
+    model, meta = model_from_weights(source, model_name, loops=loops, **overrides)
     return model.eval(), model_name or meta["model_name"]
 
 
@@ -204,11 +205,12 @@ def export_model(
     shuffle: str | None = None,
     random_init: bool = False,
     atol: float = 1e-4,
+    loops: int | Sequence[int] | None = None,
 ) -> ExportResult:
     """Export, verify against PyTorch and (only if it matches) write the artifact atomically."""
     if fmt not in WRITERS:
         raise ValueError(f"format must be one of {', '.join(WRITERS)}, got {fmt!r}")
-    model, name = build_model(source, model_name, img_size, shuffle, random_init)
+    model, name = build_model(source, model_name, img_size, shuffle, random_init, loops)
     check_exportable(model, name)
     size = model_img_size(model)
     in_chans = getattr(getattr(model, "cfg", None), "in_chans", 3)

@@ -8,6 +8,7 @@ products the counter sees on every device.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -88,6 +89,8 @@ class ModelInfo:
     macs_by_component: dict[str, int]
     macs_by_stage: list[int]
     unsliced_macs: int
+    loops: tuple[int, ...] = ()  # loops per block of each stage, as counted
+    active_params: int = 0  # parameters used at those loops (fewer loops leave NLLs idle)
 
     @property
     def slicing_saving(self) -> float:
@@ -101,7 +104,9 @@ class ModelInfo:
 def unsliced_twin(model: SReT) -> SReT:
     """The same architecture with full (unsliced) attention in every loop."""
     stages = tuple(replace(s, groups=(1,) * s.loops, permute=(False,) * s.loops) for s in model.cfg.stages)
-    return SReT(replace(model.cfg, stages=stages))
+    twin = SReT(replace(model.cfg, stages=stages))
+    twin.set_loops(model.loops)
+    return twin
 
 
 def _strip_root(counts: dict[str, dict]) -> dict[str, int]:
@@ -114,13 +119,17 @@ def _strip_root(counts: dict[str, dict]) -> dict[str, int]:
     return out
 
 
-def model_info(name: str, img_size: int | None = None, **overrides) -> ModelInfo:
-    """Account params and MACs of a registered variant (at `img_size`, default its own)."""
+def model_info(
+    name: str, img_size: int | None = None, loops: int | Sequence[int] | None = None, **overrides
+) -> ModelInfo:
+    """Account params and MACs of a registered variant (at `img_size`, default its own; at `loops`,
+    default its configured depth)."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
     if img_size is not None:
         overrides["img_size"] = img_size
     model = SReT(MODEL_CONFIGS[name], **overrides)
+    model.set_loops(loops)
     size = model.img_size[0]
     counter = _count(model, None)
     total = counter.get_total_flops()
@@ -142,7 +151,18 @@ def model_info(name: str, img_size: int | None = None, **overrides) -> ModelInfo
         macs_by_component=macs_by_component,
         macs_by_stage=[flops.get(f"stages.{i}", 0) // 2 for i in range(len(model.stages))],
         unsliced_macs=count_macs(unsliced_twin(model)) if is_sliced(model) else total // 2,
+        loops=model.loops,
+        active_params=active_params(model),
     )
+
+
+def active_params(model: SReT) -> int:
+    """Parameters the model uses at its current loops: all but the NLLs no application runs."""
+    idle = 0
+    for stage in model.stages:
+        used = {app.nll for app in stage.schedule}
+        idle += sum(p.numel() for i, nll in enumerate(stage.nlls) if i not in used for p in nll.parameters())
+    return sum(p.numel() for p in model.parameters()) - idle
 
 
 def is_sliced(model: SReT) -> bool:
@@ -191,7 +211,8 @@ def print_info(info: ModelInfo) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{info.name} @ {info.img_size}px")
+    loops = "" if not info.loops else f", loops {'/'.join(map(str, info.loops))}"
+    table = Table(title=f"{info.name} @ {info.img_size}px{loops}")
     for col in ("component", "params", "params %", "MACs (M)", "MACs %"):
         table.add_column(col, justify="left" if col == "component" else "right")
     for comp in COMPONENTS:
@@ -199,6 +220,8 @@ def print_info(info: ModelInfo) -> None:
         table.add_row(comp, f"{p:,}", f"{p / info.params:.1%}", f"{m / 1e6:.1f}", f"{m / info.macs:.1%}")
     table.add_row("total", f"{info.params:,}", "100%", f"{info.macs / 1e6:.1f}", "100%", style="bold")
     console.print(table)
+    if info.active_params != info.params:
+        console.print(f"used at these loops: {info.active_params:,} parameters (the other NLLs stay idle)")
     stages = Table(title="MACs by stage")
     stages.add_column("stage")
     stages.add_column("MACs (M)", justify="right")

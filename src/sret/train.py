@@ -42,6 +42,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from sret.anytime import WEIGHTINGS, sample_loops
 from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, weights_writer
 from sret.data import DATASETS, Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
 from sret.evaluate import collect_logits, scored
@@ -127,6 +128,12 @@ class TrainConfig:
     # unless repeated_aug_full_epoch, which makes it pass every image `repeated_aug` times.
     repeated_aug: int = 1
     repeated_aug_full_epoch: bool = False
+    # anytime depth: each step runs every stage at a loop count drawn from anytime_min_loops to the
+    # trained count ('uniform', or 'deep': in proportion to the count); anytime_distill > 0 also runs
+    # full depth in the same step and teaches the drawn depth with its output (see train_step)
+    anytime: str = "none"
+    anytime_min_loops: int = 1
+    anytime_distill: float = 0.0
     # distillation
     teacher: str | None = None
     teacher_checkpoint: str | None = None
@@ -315,6 +322,9 @@ RULES: dict[str, Rule] = {
     "model_ema_decay": within(0.0, 1.0, high_open=True),
     "repeated_aug": at_least(1),
     "repeated_aug_full_epoch": anything,
+    "anytime": one_of("none", *WEIGHTINGS),
+    "anytime_min_loops": at_least(1),
+    "anytime_distill": within(0.0, 1.0),
     "teacher": anything,  # a checkpoint, an SReT or any timm model: checked when it is built
     "teacher_checkpoint": existing_file,
     "teacher_logits": existing_file,
@@ -689,7 +699,9 @@ class Run:
             if d.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[d.device] if d.device.type == "cuda" else None
+                model,
+                device_ids=[d.device] if d.device.type == "cuda" else None,
+                find_unused_parameters=cfg.anytime != "none",  # fewer loops leave NLLs idle
             )
         # Training steps run compiled; validation stays eager: its last batch is smaller and eval mode
         # would compile a second graph, for a pass that is a small part of the run. Training shapes never
@@ -887,8 +899,7 @@ class Run:
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
         with self.autocast():
-            out = self.net(images)
-            loss = self.criterion(out, targets)
+            out, loss = self.forward_loss(images, targets)
             teacher = self._teacher_logits(images, batch)
             if teacher is not None:
                 kd = soft_distillation_loss(out, teacher, cfg.distill_temperature)
@@ -912,6 +923,29 @@ class Run:
             self.ema.update(self.model, step=self.global_step + 1)
         hits = int((out.argmax(-1) == labels).sum())
         return float(loss.detach()), len(labels), hits
+
+    def forward_loss(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and loss of one step. With anytime depth the model runs at loop counts drawn for
+        this step (the same on every rank, and again on resume); with anytime_distill = a > 0 it also
+        runs at full depth, and the loss is CE(full) + (1 - a) CE(drawn) + a KD(drawn, full), the full
+        depth's output (detached) teaching the drawn one. The logits returned are full depth's then."""
+        cfg = self.cfg
+        if cfg.anytime == "none":
+            out = self.net(images)
+            return out, self.criterion(out, targets)
+        rng = random.Random(cfg.seed * 1_000_003 + self.global_step)
+        self.model.set_loops(sample_loops(rng, self.model.trained_loops, cfg.anytime_min_loops, cfg.anytime))
+        try:
+            out = self.net(images)
+        finally:
+            self.model.set_loops(None)
+        loss = self.criterion(out, targets)
+        if not cfg.anytime_distill:
+            return out, loss
+        full = self.net(images)
+        a = cfg.anytime_distill
+        kd = soft_distillation_loss(out, full.detach(), 1.0)
+        return full, self.criterion(full, targets) + (1 - a) * loss + a * kd
 
     def _teacher_logits(self, images: Tensor, batch: list[Tensor]) -> Tensor | None:
         if self.teacher is not None:
