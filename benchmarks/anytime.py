@@ -67,23 +67,41 @@ def main() -> None:
     parser.add_argument("--out", default="runs/anytime")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--docs", default=str(ROOT / "docs" / "anytime"))
+    parser.add_argument("--score-only", action="store_true", help="Score the seeds whose cells all finished.")
     args = parser.parse_args()
     out, docs = Path(args.out), Path(args.docs)
-    grid = [sys.executable, "-m", "sret", "ablate", "anytime", "--data-dir", args.data_dir]
-    subprocess.run([*grid, "--out", str(out), "--jobs", str(args.jobs)], check=True)
-    seeds = sorted({p.name.rsplit("-s", 1)[1] for p in (out / "cells").iterdir() if p.is_dir()})
+    if not args.score_only:
+        grid = [sys.executable, "-m", "sret", "ablate", "anytime", "--data-dir", args.data_dir]
+        subprocess.run([*grid, "--out", str(out), "--jobs", str(args.jobs)], check=True)
+    seeds = sorted(
+        {p.stem.rsplit("-s", 1)[1] for p in (out / "results").glob("*.json")},
+        key=int,
+    )
+    seeds = [
+        s for s in seeds if all((out / "results" / f"{v}-s{s}.json").is_file() for v in [*FIXED, "anytime"])
+    ]
     rows = []
     for variant, loops in FIXED.items():
         scores = [score(out, f"{variant}-s{s}", loops, None) for s in seeds]
         rows.append(
             dict(
-                arm=f"dedicated, {loops} loops", kind="dedicated", loops=loops, confidence=None, scores=scores
+                arm=f"dedicated, {loops} loop{'s' * (loops > 1)}",
+                kind="dedicated",
+                loops=loops,
+                confidence=None,
+                scores=scores,
             )
         )
     for loops in ANYTIME_LOOPS:
         scores = [score(out, f"anytime-s{s}", loops, None) for s in seeds]
         rows.append(
-            dict(arm=f"anytime at {loops} loops", kind="anytime", loops=loops, confidence=None, scores=scores)
+            dict(
+                arm=f"anytime at {loops} loop{'s' * (loops > 1)}",
+                kind="anytime",
+                loops=loops,
+                confidence=None,
+                scores=scores,
+            )
         )
     for confidence in THRESHOLDS:
         scores = [score(out, f"anytime-s{s}", None, confidence) for s in seeds]
