@@ -13,7 +13,7 @@ LAYERS = (
     ("kernels",),
     ("data", "plots"),
     ("model",),
-    ("checkpoint", "variants", "info", "anytime"),
+    ("checkpoint", "variants", "info", "anytime", "recursify"),
     ("evaluate", "export", "bench"),
     ("train",),
     ("ablate",),

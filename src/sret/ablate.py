@@ -18,6 +18,12 @@ error and retried on the next run, without stopping the others. When all cells h
 summary (per variant: mean ± std over seeds of best and final top-1, parameters, MACs, training
 images/s, time) is written as Markdown, CSV and JSON, with a plot of accuracy against MACs and
 against parameters.
+
+In a training setting, `{seed}` stands for the cell's seed and `{out}` for the grid's output folder,
+so a cell can start from the weights an earlier grid (or step) made for the same seed::
+
+    variants:
+      finetune: {set: {checkpoint: "{out}/sources/model-s{seed}.safetensors"}}
 """
 
 from __future__ import annotations
@@ -210,7 +216,7 @@ def _variant(grid: Grid, name: str, overrides: Any) -> Variant:
     try:
         model_args = resolve_overrides(grid.model, grid.base, overrides)
         cfg = resolve_config(
-            grid.recipe, model=grid.model, model_args=model_args, **grid.settings, **settings
+            grid.recipe, model=grid.model, model_args=model_args, **{**grid.settings, **settings}
         )
         create_model(cfg.model, img_size=cfg.img_size, **model_args)
     except (UserError, ValueError, TypeError) as e:
@@ -250,9 +256,9 @@ def cell_command(grid: Grid, cell: Cell, layout: Layout, threads: int) -> list[s
             if k in grid.settings
         ]
         return [*base, "--resume", str(run_dir), *moved]
+    settings = {**grid.settings, **cell.variant.settings}
     options = {
-        **grid.settings,
-        **cell.variant.settings,
+        **{k: fill_placeholders(v, cell, layout) for k, v in settings.items()},
         "model": grid.model,
         "model_args": cell.variant.model_args,
         "seed": cell.seed,
@@ -262,6 +268,13 @@ def cell_command(grid: Grid, cell: Cell, layout: Layout, threads: int) -> list[s
     }
     sets = [f"{k}={json.dumps(v)}" for k, v in options.items()]
     return [*base, "-r", grid.recipe, *(arg for item in sets for arg in ("--set", item))]
+
+
+def fill_placeholders(value: Any, cell: Cell, layout: Layout) -> Any:
+    """A string setting with `{seed}` and `{out}` replaced by the cell's seed and the output folder."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("{seed}", str(cell.seed)).replace("{out}", str(layout.out))
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

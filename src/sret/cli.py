@@ -27,19 +27,26 @@ def models_cmd() -> None:
 
 @app.command("info")
 def info_cmd(
-    name: str = typer.Argument(..., help="Model name, e.g. sret_t."),
+    name: str = typer.Argument(..., help="Model name, e.g. sret_t, or one of our .safetensors."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the model's)."),
     loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
+    sets: list[str] = typer.Option(
+        [], "--set", help="Model option KEY=VALUE, repeatable (e.g. loop_lora_rank=4, nll=block)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Params and MACs of a model, split by stem / attention / MLP / NLL / pooling / head and by stage."""
+    """Params and MACs of a model, split by stem / attention / MLP / NLL / adapters / pooling / head
+    and by stage."""
     import json
 
-    from sret.info import model_info, print_info
+    from sret.info import info_source, model_info, print_info
+    from sret.io import UserError
+    from sret.train import parse_sets
 
     try:
-        info = model_info(name, img_size, parse_loops(loops))
-    except ValueError as e:
+        name, overrides = info_source(name, parse_sets(sets))
+        info = model_info(name, img_size, parse_loops(loops), **overrides)
+    except (ValueError, TypeError, UserError) as e:
         raise _user_error(e, code=2) from None
     if as_json:
         typer.echo(json.dumps(info.to_dict(), indent=2))
@@ -470,6 +477,59 @@ def export_cmd(
         f"shuffle={result.shuffle}, {result.img_size}px); "
         f"max |exported - PyTorch| = {result.max_abs_diff:.2e}"
     )
+
+
+@app.command("recursify")
+def recursify_cmd(
+    source: str = typer.Argument(
+        ..., help="Our .safetensors whose blocks each run once, or timm:NAME (a timm ViT/DeiT)."
+    ),
+    loops: int = typer.Option(..., "--loops", "-L", min=1, help="Consecutive blocks tied into one."),
+    rank: str = typer.Option("0", "--rank", "-r", help="Per-loop delta rank: 0 (tied), r, or full."),
+    init: str = typer.Option(
+        "average", "--init", help="Shared weights: average or first of the tied blocks."
+    ),
+    vectors: bool | None = typer.Option(
+        None,
+        "--vectors/--no-vectors",
+        help="Per-loop norms, biases, coefficients (default: where they differ).",
+    ),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Destination .safetensors (default: by SOURCE)."
+    ),
+    timm_weights: str | None = typer.Option(
+        None, "--timm-weights", help="Weights of a timm:NAME source (else timm's random init)."
+    ),
+) -> None:
+    """Turn a non-recursive model into a recursive SReT with per-loop low-rank adapters."""
+    from sret.io import UserError
+    from sret.recursify import recursify_file
+
+    try:
+        result, path = recursify_file(source, loops, parse_rank(rank), init, vectors, out, timm_weights)
+    except UserError as e:
+        raise _user_error(e, code=1) from None
+    model = result.model
+    layout = ", ".join(f"{s.blocks}x{s.loops}" for s in model.cfg.stages)
+    typer.echo(
+        f"params: {result.params_before:,} -> {result.params_after:,} "
+        f"({result.params_after / result.params_before:.1%}); stages {layout} (blocks x loops), "
+        f"rank {model.cfg.loop_lora_rank}, per-loop vectors {'on' if model.cfg.loop_vectors else 'off'}"
+    )
+    typer.echo(
+        f"output against the source on 8 random images: max |logit difference| {result.max_abs_diff:.2e} "
+        f"(largest logit {result.logit_scale:.2e}), top-1 agreement {result.top1_agreement:.0%}"
+    )
+    typer.echo(f"wrote {path}; fine-tune it with: sret train --set checkpoint={path}")
+
+
+def parse_rank(value: str) -> int | str:
+    """`full` or a whole number >= 0."""
+    if value == "full":
+        return value
+    if not re.fullmatch(r"\d+", value):
+        raise typer.BadParameter(f"--rank must be a whole number >= 0 or 'full', got {value!r}")
+    return int(value)
 
 
 def main() -> None:

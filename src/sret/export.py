@@ -79,9 +79,17 @@ def build_model(
     return model.eval(), model_name or meta["model_name"]
 
 
-def check_exportable(model: nn.Module, name: str) -> None:
-    """Refuse a random token shuffle, with what to do instead."""
-    shuffle = getattr(getattr(model, "cfg", None), "shuffle", None)
+def check_exportable(model: nn.Module, name: str, fmt: str) -> None:
+    """Refuse what a format cannot hold (a random token shuffle; per-loop adapters in TorchScript),
+    with what to do instead."""
+    cfg = getattr(model, "cfg", None)
+    if fmt == "torchscript" and getattr(cfg, "adapted", False):
+        raise ExportRefused(
+            f"refusing to export {name} to TorchScript: its per-loop adapters run each shared block with "
+            "that loop's weights through torch.func.functional_call, which torch.jit.trace does not "
+            "support. Export it as onnx or exported-program, which hold the adapted weights exactly."
+        )
+    shuffle = getattr(cfg, "shuffle", None)
     if shuffle == "random":
         raise ExportRefused(
             f"refusing to export {name} with shuffle='random': that mode draws a new token permutation "
@@ -211,7 +219,7 @@ def export_model(
     if fmt not in WRITERS:
         raise ValueError(f"format must be one of {', '.join(WRITERS)}, got {fmt!r}")
     model, name = build_model(source, model_name, img_size, shuffle, random_init, loops)
-    check_exportable(model, name)
+    check_exportable(model, name, fmt)
     size = model_img_size(model)
     in_chans = getattr(getattr(model, "cfg", None), "in_chans", 3)
     generator = torch.Generator().manual_seed(0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +19,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from sret import kernels
+from sret.checkpoint import read_metadata
 from sret.model import MODEL_CONFIGS, SReT, StageConfig
+from sret.variants import resolve_overrides
 
 # Component of a parameter or module name, first match wins. Coefficients and pre-norms belong to the
 # branch they scale or feed.
@@ -26,6 +30,7 @@ _COMPONENTS = (
     ("attention", r"^stages\.\d+\.blocks\.\d+\.(attn|norm1|attn_)"),
     ("mlp", r"^stages\.\d+\.blocks\.\d+\.(mlp|norm2|mlp_)"),
     ("nll", r"^stages\.\d+\.nlls\."),
+    ("adapters", r"^stages\.\d+\.adapters\."),
     ("pooling", r"^pools\."),
     ("head", r"^(norm|head)"),
 )
@@ -156,12 +161,29 @@ def model_info(
     )
 
 
+def info_source(name: str, overrides: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The model name and keyword overrides to account: a registered variant, or the architecture
+    one of our weights files stores; `overrides` (model options, as `model_args` takes them) on top."""
+    stored: dict[str, Any] = {}
+    if name.endswith(".safetensors"):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"checkpoint not found: {path}")
+        meta = read_metadata(path)
+        if "model_name" not in meta:
+            raise ValueError(f"{path} does not say which model it holds")
+        name, stored = meta["model_name"], meta.get("model_args", {})
+    return name, resolve_overrides(name, stored, overrides or {})
+
+
 def active_params(model: SReT) -> int:
-    """Parameters the model uses at its current loops: all but the NLLs no application runs."""
+    """Parameters the model uses at its current loops: all but the NLLs and per-loop adapters that no
+    application runs."""
     idle = 0
     for stage in model.stages:
-        used = {app.nll for app in stage.schedule}
-        idle += sum(p.numel() for i, nll in enumerate(stage.nlls) if i not in used for p in nll.parameters())
+        for modules, field in ((stage.nlls, "nll"), (stage.adapters, "adapter")):
+            used = {getattr(app, field) for app in stage.schedule}
+            idle += sum(p.numel() for i, m in enumerate(modules) if i not in used for p in m.parameters())
     return sum(p.numel() for p in model.parameters()) - idle
 
 
@@ -221,7 +243,9 @@ def print_info(info: ModelInfo) -> None:
     table.add_row("total", f"{info.params:,}", "100%", f"{info.macs / 1e6:.1f}", "100%", style="bold")
     console.print(table)
     if info.active_params != info.params:
-        console.print(f"used at these loops: {info.active_params:,} parameters (the other NLLs stay idle)")
+        console.print(
+            f"used at these loops: {info.active_params:,} parameters (the other NLLs and adapters stay idle)"
+        )
     stages = Table(title="MACs by stage")
     stages.add_column("stage")
     stages.add_column("MACs (M)", justify="right")

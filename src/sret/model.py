@@ -8,6 +8,10 @@ application, which block runs, which loop of that block it is, into how many gro
 sliced for attention, whether the tokens are permuted first, and which non-linear projection layer
 (NLL) follows. Everything else in this file reads that schedule instead of doing index arithmetic.
 
+Beyond the paper, recursion can be *relaxed* (Bae et al., "Relaxed Recursive Transformers", ICLR
+2025): each trained application of a shared block may add its own low-rank delta to the block's
+weights (a :class:`LoopAdapter`); `loop_lora_rank=0`, the default, is the paper's exact sharing.
+
 Layout follows timm's model files: building blocks, then the model, then the checkpoint filter,
 then the pretrained configs and registered constructors.
 """
@@ -32,11 +36,14 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from sret import kernels
 
 __all__ = [
+    "LORA_TARGETS",
+    "LoopAdapter",
     "RecursionSchedule",
     "SReT",
     "SReTConfig",
@@ -48,6 +55,10 @@ __all__ = [
 
 Shuffle = Literal["random", "fixed", "none"]
 NLLSharing = Literal["application", "block", "none"]
+LoRARank = int | Literal["full"]
+
+# The linear layers of a block that per-loop adapters may relax: short name -> module path in Block.
+LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +168,13 @@ class SReTConfig:
             official code does. Off by default, so evaluation is deterministic: the fixed permutation
             is used instead.
         perm_seed: seed of the fixed permutations.
+        loop_lora_rank: relaxed recursion. 0 (the paper): every application of a block runs the same
+            weights. r > 0: every trained application adds its own rank-r delta to the weights of the
+            `loop_lora_targets` layers; 'full': a dense delta (the untied model, reparametrised).
+        loop_lora_targets: which linear layers of a block the deltas relax (names of LORA_TARGETS).
+        loop_vectors: every trained application also gets its own deltas on the block's LayerNorm
+            affines, linear biases and residual coefficients (what differs between the layers of a
+            model made recursive by `sret recursify`; a few thousand parameters).
     """
 
     stages: tuple[StageConfig, ...]
@@ -176,6 +194,14 @@ class SReTConfig:
     random_eval: bool = False
     perm_seed: int = 0
     global_pool: Literal["avg", ""] = "avg"
+    loop_lora_rank: LoRARank = 0
+    loop_lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)
+    loop_vectors: bool = False
+
+    @property
+    def adapted(self) -> bool:
+        """Whether block applications carry per-loop adapters (relaxed recursion)."""
+        return self.loop_lora_rank != 0 or self.loop_vectors
 
     def validate(self) -> None:
         if not self.stages:
@@ -204,6 +230,27 @@ class SReTConfig:
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        self.validate_adapters()
+
+    def validate_adapters(self) -> None:
+        rank, targets = self.loop_lora_rank, self.loop_lora_targets
+        if rank != "full" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+            raise ValueError(f"loop_lora_rank must be a whole number >= 0 or 'full', got {rank!r}")
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise ValueError(f"loop_lora_targets must name some of {list(LORA_TARGETS)}, got {list(targets)}")
+        if rank == "full" or rank == 0:
+            return
+        for i, stage in enumerate(self.stages):
+            hidden = int(stage.dim * self.mlp_ratio)
+            shapes = {"qkv": (3 * stage.dim, stage.dim), "proj": (stage.dim, stage.dim)}
+            shapes.update(fc1=(hidden, stage.dim), fc2=(stage.dim, hidden))
+            for name in targets:
+                if rank > min(shapes[name]):
+                    raise ValueError(
+                        f"loop_lora_rank {rank} exceeds the rank of stage {i}'s {name} layer "
+                        f"{shapes[name]} (at most {min(shapes[name])}; 'full' for a dense delta)"
+                    )
 
     @property
     def stride(self) -> int:
@@ -223,6 +270,7 @@ class Application(NamedTuple):
     permute: bool  # permute tokens before grouping (and restore them after attention)
     nll: int | None  # NLL applied afterwards, or None
     layout: int  # the trained application whose token layout (fixed permutation) this one uses
+    adapter: int | None = None  # the per-loop adapter (relaxed recursion) this one runs, or None
 
 
 @dataclass(frozen=True)
@@ -231,9 +279,11 @@ class RecursionSchedule:
 
     For each unique block r, for each loop l: apply block r, then an NLL (the authors' order).
 
+    With `adapters`, every trained application has its own per-loop adapter.
+
     Any depth (`loops` other than the stage's own, chosen at inference or sampled in anytime
-    training) runs the same weights: loop l takes the settings (groups, permutation, layout, NLL) of
-    trained loop min(l, L - 1), except that a block's last loop always takes the NLL of its last
+    training) runs the same weights: loop l takes the settings (groups, permutation, layout, adapter,
+    NLL) of trained loop min(l, L - 1), except that a block's last loop always takes the NLL of its last
     trained loop, the one that was trained to hand over to the next block. So fewer loops drop middle
     NLLs, and more loops repeat the last loop's settings.
     """
@@ -241,7 +291,9 @@ class RecursionSchedule:
     applications: tuple[Application, ...]
 
     @classmethod
-    def build(cls, stage: StageConfig, nll: NLLSharing, loops: int | None = None) -> RecursionSchedule:
+    def build(
+        cls, stage: StageConfig, nll: NLLSharing, loops: int | None = None, adapters: bool = False
+    ) -> RecursionSchedule:
         loops = stage.loops if loops is None else loops
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
@@ -252,7 +304,8 @@ class RecursionSchedule:
                 closing = stage.loops - 1 if loop == loops - 1 else trained
                 nll_index = {"application": r * stage.loops + closing, "block": r, "none": None}[nll]
                 groups, permute = stage.groups[trained], stage.permute[trained] and stage.groups[trained] > 1
-                apps.append(Application(r, loop, groups, permute, nll_index, r * stage.loops + trained))
+                own = r * stage.loops + trained
+                apps.append(Application(r, loop, groups, permute, nll_index, own, own if adapters else None))
         return cls(tuple(apps))
 
     def __iter__(self) -> Iterator[Application]:
@@ -484,6 +537,58 @@ class NonLinearProjection(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# Relaxed recursion: per-loop adapters
+# --------------------------------------------------------------------------------------------------
+class WeightDelta(nn.Module):
+    """A learned change of one (out, in) weight: `up @ down` of rank r, or a dense matrix ('full').
+
+    Starts at zero (`up` is zero, `down` random as in LoRA), so a new adapter leaves its block as is.
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: LoRARank) -> None:
+        super().__init__()
+        self.rank = rank
+        if rank == "full":
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        else:
+            self.down = nn.Parameter(torch.empty(rank, in_features))
+            self.up = nn.Parameter(torch.zeros(out_features, rank))
+            nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    def forward(self) -> Tensor:
+        return self.weight if self.rank == "full" else self.up @ self.down
+
+
+class LoopAdapter(nn.Module):
+    """What one application of a shared block does not share: its own deltas on the block's weights.
+
+    The deltas are added to the shared weights, not run beside them, so the application runs one
+    matrix product per linear layer, as the paper's does, plus one rank-r product per weight.
+    """
+
+    def __init__(self, block: Block, rank: LoRARank, targets: Sequence[str], vectors: bool) -> None:
+        super().__init__()
+        weights = {t: block.get_parameter(f"{LORA_TARGETS[t]}.weight") for t in targets} if rank else {}
+        self.weights = nn.ModuleDict({t: WeightDelta(*w.shape, rank) for t, w in weights.items()})
+        names = [n for n, p in block.named_parameters() if p.ndim == 1] if vectors else []
+        self.vector_names = {n.replace(".", "_"): n for n in names}  # ParameterDict keys hold no dots
+        self.vectors = nn.ParameterDict(
+            {key: torch.zeros_like(block.get_parameter(n)) for key, n in self.vector_names.items()}
+        )
+
+    def forward(self, block: Block) -> dict[str, Tensor]:
+        """This application's parameters of `block` (shared + own delta), by name in the block."""
+        params = {}
+        for target, delta in self.weights.items():
+            name = f"{LORA_TARGETS[target]}.weight"
+            params[name] = block.get_parameter(name) + delta()
+        for key, delta in self.vectors.items():
+            name = self.vector_names[key]
+            params[name] = block.get_parameter(name) + delta
+        return params
+
+
+# --------------------------------------------------------------------------------------------------
 # Stem, pooling, stage
 # --------------------------------------------------------------------------------------------------
 @register_notrace_module  # an FX leaf: its kernel choice reads the input's dtype and mode
@@ -529,8 +634,8 @@ class SReTStage(nn.Module):
     def __init__(self, cfg: SReTConfig, index: int, num_tokens: int, drop_path: Sequence[float]) -> None:
         super().__init__()
         stage = cfg.stages[index]
-        self.config, self.nll_sharing = stage, cfg.nll
-        self.schedule = RecursionSchedule.build(stage, cfg.nll)
+        self.config, self.nll_sharing, self.adapted = stage, cfg.nll, cfg.adapted
+        self.schedule = RecursionSchedule.build(stage, cfg.nll, adapters=cfg.adapted)
         self.random = cfg.shuffle == "random"
         self.random_eval = cfg.random_eval
         self.grad_checkpointing = False
@@ -542,6 +647,11 @@ class SReTStage(nn.Module):
         self.nlls = nn.ModuleList(
             NonLinearProjection(stage.dim, cfg.nll_ratio, coefficients, drop)
             for _ in range(self.schedule.num_nlls)
+        )
+        self.adapters = nn.ModuleList(
+            LoopAdapter(self.blocks[app.block], cfg.loop_lora_rank, cfg.loop_lora_targets, cfg.loop_vectors)
+            for app in self.schedule
+            if cfg.adapted
         )
         if max(stage.groups) > num_tokens:
             raise ValueError(
@@ -565,7 +675,7 @@ class SReTStage(nn.Module):
 
     def set_loops(self, loops: int | None = None) -> None:
         """Run each block `loops` times (None: the trained count); see :class:`RecursionSchedule`."""
-        self.schedule = RecursionSchedule.build(self.config, self.nll_sharing, loops)
+        self.schedule = RecursionSchedule.build(self.config, self.nll_sharing, loops, self.adapted)
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
@@ -580,8 +690,12 @@ class SReTStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
     def apply_block(self, x: Tensor, app: Application, groups: TokenGroups) -> Tensor:
-        """One application: the shared block, then its NLL."""
-        x = self.blocks[app.block](x, groups)
+        """One application: the shared block (with this loop's adapter, if any), then its NLL."""
+        block = self.blocks[app.block]
+        if app.adapter is None:
+            x = block(x, groups)
+        else:
+            x = functional_call(block, self.adapters[app.adapter](block), (x, groups))
         return self.nlls[app.nll](x) if app.nll is not None else x
 
 
@@ -631,6 +745,8 @@ class SReT(nn.Module):
             raise ValueError(f"unknown SReT options: {sorted(unknown)}")
         if "stages" in overrides:  # e.g. from a checkpoint's JSON metadata
             overrides["stages"] = tuple(StageConfig.from_mapping(s) for s in overrides["stages"])
+        if "loop_lora_targets" in overrides:
+            overrides["loop_lora_targets"] = tuple(overrides["loop_lora_targets"])
         cfg = replace(cfg, **overrides)
         cfg.validate()
         self.cfg = cfg

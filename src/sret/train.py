@@ -416,9 +416,34 @@ def resolve_config(
     values = load_recipe(recipe) if recipe else {}
     values.update(parse_sets(sets or []))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig.from_dict(values)
+    cfg = with_checkpoint_architecture(TrainConfig.from_dict(values))
     cfg.validate()
     return cfg
+
+
+# What a weights file's stored model_args say about the run that made it, not about the architecture.
+RUN_MODEL_ARGS = ("num_classes", "img_size", "drop_path_rate", "drop_rate", "shuffle")
+
+
+def with_checkpoint_architecture(cfg: TrainConfig) -> TrainConfig:
+    """A run starting from one of our weights files builds the architecture that file stores (its model
+    name and model_args; the run's own model_args change it further), so fine-tuning a converted or
+    relaxed model (`sret recursify`) needs no retyping of its layout."""
+    if not cfg.checkpoint:
+        return cfg
+    try:
+        meta = read_metadata(cfg.checkpoint)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    name = meta.get("model_name")
+    if name is None:
+        return cfg
+    stored = {k: v for k, v in meta.get("model_args", {}).items() if k not in RUN_MODEL_ARGS}
+    try:
+        args = resolve_overrides(name, stored, cfg.model_args)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {cfg.checkpoint}: model_args {cfg.model_args}: {e}") from None
+    return dataclasses.replace(cfg, model=name, model_args=args)
 
 
 # --------------------------------------------------------------------------------------------------

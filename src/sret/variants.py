@@ -48,6 +48,20 @@ def resolve_overrides(model: str, *layers: Mapping[str, Any] | None) -> dict[str
     return options
 
 
+def config_overrides(cfg: SReTConfig, base: SReTConfig) -> dict[str, Any]:
+    """The JSON-ready overrides that turn `base` into `cfg` (what a checkpoint stores to rebuild it)."""
+    options: dict[str, Any] = {}
+    for f in fields(SReTConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(base, f.name):
+            continue
+        if f.name == "stages":
+            options["stages"] = [_plain(asdict(s)) for s in value]
+        else:
+            options[f.name] = list(value) if isinstance(value, tuple) else value
+    return options
+
+
 def _apply(stages: list[StageConfig], overrides: dict[str, Any]) -> tuple[list[StageConfig], dict[str, Any]]:
     """One layer of overrides: the new stages, and the model options it sets."""
     unknown = sorted(set(overrides) - set(STAGE_FIELDS) - set(MODEL_FIELDS) - {"stages"})
