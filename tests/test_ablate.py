@@ -239,3 +239,17 @@ def test_the_shipped_grids_resolve() -> None:
     by_name = {v.name: v for v in grid.variants}
     assert by_name["plain"].model_args["nll"] == "none"
     assert [s["loops"] for s in by_name["sret_deep"].model_args["stages"]] == [8, 8, 8]
+
+
+def test_a_cell_starts_from_the_weights_an_earlier_grid_made_for_its_seed(tmp_path: Path) -> None:
+    first = load_grid(str(write_grid(tmp_path, {"source": {"loops": 1}, "longer": {"set": {"epochs": 2}}})))
+    assert {v.name: first.configs[v.name].epochs for v in first.variants} == {"source": 1, "longer": 2}
+    run_grid(first, tmp_path / "first", jobs=2, log=lambda _: None)
+    weights = "{out}/../../first/cells/source-s{seed}/last.safetensors"
+    (tmp_path / "second").mkdir()
+    second = load_grid(str(write_grid(tmp_path / "second", {"tuned": {"set": {"checkpoint": weights}}})))
+    [result] = run_grid(second, tmp_path / "second" / "out", log=lambda _: None)
+    assert result["status"] == "ok", result
+    config = yaml.safe_load((tmp_path / "second" / "out" / "cells" / "tuned-s0" / "config.yaml").read_text())
+    assert config["checkpoint"].endswith("first/cells/source-s0/last.safetensors")
+    assert [s["loops"] for s in config["model_args"]["stages"]] == [1, 1, 1]  # the source's architecture

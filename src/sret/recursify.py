@@ -318,13 +318,27 @@ def load_source(source: str, timm_weights: str | None = None) -> tuple[nn.Module
             except RuntimeError as e:
                 detail = str(e).strip().splitlines()[-1].strip()
                 raise UserError(f"{timm_weights} does not fit timm's {name}: {detail}") from None
-        return vit.eval(), "sret_t", {}
+        try:
+            _check_vit(vit)
+        except ValueError as e:
+            raise UserError(f"cannot recursify {source}: {e}") from None
+        return vit.eval(), "sret_t", {"preprocess": timm_preprocess(vit)}
     if timm_weights:
         raise UserError("--timm-weights goes with a timm:NAME source")
     model, meta = model_from_weights(source)
     if not isinstance(model, SReT):
         raise UserError(f"{source} does not hold a SReT")
     return model.eval(), meta.get("model_name", "sret_t"), meta.get("info") or {}
+
+
+def timm_preprocess(model: nn.Module) -> dict[str, Any]:
+    """The input pipeline a timm model was trained with (its mean, std, crop), as our runs record it."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    pre = {"img_size": int(model.patch_embed.img_size[0])}
+    for key in ("mean", "std", "interpolation", "crop_pct"):
+        if key in cfg:
+            pre[key] = list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key]
+    return pre
 
 
 def recursify_file(
