@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,9 @@ def test_cli_recursify_writes_a_checkpoint_that_evaluates_and_fine_tunes(
         assert (model(x) - original(x)).abs().max() <= 1e-5 * original(x).abs().max()
     name, args = info_source(str(out))
     assert model_info(name, **args).params == n_params(model)
+    shown = CliRunner().invoke(app, ["info", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["params"] == n_params(model)
 
     cfg = resolve_config("digits", checkpoint=str(out), output=str(tmp_path), name="ft", epochs=1,
                          train_subset=64, val_subset=32, threads=1)  # fmt: skip

@@ -45,7 +45,8 @@ def info_cmd(
 
     try:
         name, overrides = info_source(name, parse_sets(sets))
-        info = model_info(name, img_size, parse_loops(loops), **overrides)
+        stored_size = overrides.pop("img_size", None)  # a checkpoint's own resolution
+        info = model_info(name, img_size or stored_size, parse_loops(loops), **overrides)
     except (ValueError, TypeError, UserError) as e:
         raise _user_error(e, code=2) from None
     if as_json:
