@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import sret
 from sret.checkpoint import model_from_weights, read_metadata
 from sret.cli import app
+from sret.evaluate import evaluate
 from sret.export import ExportRefused, export_model
 from sret.info import active_params, count_macs, info_source, model_info
 from sret.kernels import disabled
@@ -272,3 +273,10 @@ def test_a_class_token_vit_converts_with_its_gap_reported() -> None:
     assert result.max_abs_diff > 0 and result.params_after < result.params_before
     with pytest.raises(ValueError, match="layers SReT does not"):
         from_vit(timm.create_model("vit_tiny_patch16_224", img_size=64, qk_norm=True))
+
+
+def test_a_converted_file_is_scored_on_its_source_runs_held_out_split(flat_run: Path, tmp_path: Path) -> None:
+    _, path = recursify_file(str(flat_run / "last.safetensors"), 2, "full", out=tmp_path / "full.safetensors")
+    source = evaluate(flat_run / "last.safetensors")
+    converted = evaluate(path)  # no config.yaml beside it: the split comes from its metadata
+    assert converted.acc1 == source.acc1 and converted.loss == pytest.approx(source.loss, rel=1e-4)

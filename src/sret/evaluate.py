@@ -109,7 +109,7 @@ def load_trained(
 ) -> Trained:
     """Rebuild the model (at `loops`, if given), its class names and preprocessing from the
     safetensors metadata (or `classes.json` beside it), and read the run's `config.yaml` beside it
-    when there is one."""
+    when there is one (else the data set and split the metadata records)."""
     path = Path(checkpoint)
     model, meta = model_from_weights(path, loops=loops)
     info_path = path.parent / "classes.json"  # beside weights written before they carried the info
@@ -122,7 +122,11 @@ def load_trained(
         Preprocess(**pre_values) if pre_values else Preprocess(img_size=getattr(model, "img_size", (224,))[0])
     )
     config_path = path.parent / "config.yaml"
-    run_config = read_mapping(config_path, "run config") if config_path.is_file() else {}
+    if config_path.is_file():
+        run_config = read_mapping(config_path, "run config")
+    else:  # a file outside its run folder: the data set and split its metadata records
+        run_config = {"dataset": info.get("dataset"), **(info.get("split") or {})}
+        run_config = {k: v for k, v in run_config.items() if v is not None}
     return Trained(model.to(device).eval(), classes, pre, run_config)
 
 
