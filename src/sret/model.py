@@ -634,7 +634,7 @@ class SReTStage(nn.Module):
     def __init__(self, cfg: SReTConfig, index: int, num_tokens: int, drop_path: Sequence[float]) -> None:
         super().__init__()
         stage = cfg.stages[index]
-        self.config, self.nll_sharing, self.adapted = stage, cfg.nll, cfg.adapted
+        self.config, self.nll_sharing = stage, cfg.nll
         self.schedule = RecursionSchedule.build(stage, cfg.nll, adapters=cfg.adapted)
         self.random = cfg.shuffle == "random"
         self.random_eval = cfg.random_eval
@@ -675,7 +675,7 @@ class SReTStage(nn.Module):
 
     def set_loops(self, loops: int | None = None) -> None:
         """Run each block `loops` times (None: the trained count); see :class:`RecursionSchedule`."""
-        self.schedule = RecursionSchedule.build(self.config, self.nll_sharing, loops, self.adapted)
+        self.schedule = RecursionSchedule.build(self.config, self.nll_sharing, loops, len(self.adapters) > 0)
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape

@@ -69,14 +69,13 @@ def recursify(
     model = SReT(cfg).to(next(source.parameters()).device)
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("stages.")}
     model.load_state_dict(state, strict=False)
-    for s, (mine, theirs) in enumerate(zip(model.stages, source.stages, strict=True)):
-        _check_layouts(mine, theirs, s)
+    # Application i of a source stage is application i of the recursive one (block i // loops, loop
+    # i % loops): the same NLL index and the same token layout (its fixed permutation is seeded by i).
+    for mine, theirs in zip(model.stages, source.stages, strict=True):
         mine.nlls.load_state_dict(theirs.nlls.state_dict())
         for r, block in enumerate(mine.blocks):
-            tied = list(theirs.blocks[r * loops : (r + 1) * loops])
-            _tie(
-                block, tied, [mine.adapters[r * loops + j] for j in range(loops)] if cfg.adapted else [], init
-            )
+            own = slice(r * loops, (r + 1) * loops)
+            _tie(block, theirs.blocks[own], mine.adapters[own], init)  # no adapters: an empty slice
     return model.train(source.training)
 
 
@@ -123,16 +122,6 @@ def _vectors_differ(source: SReT, loops: int) -> bool:
                 if p.ndim == 1 and any(not torch.equal(p, b.get_parameter(name)) for b in tied[1:]):
                     return True
     return False
-
-
-def _check_layouts(mine: nn.Module, theirs: nn.Module, index: int) -> None:
-    """The token layouts (fixed permutations) of every application must carry over unchanged."""
-    for i, (a, b) in enumerate(zip(mine.layouts, theirs.layouts, strict=True)):
-        same = (
-            a.gather is None if b.gather is None else a.gather is not None and torch.equal(a.gather, b.gather)
-        )
-        if not same:
-            raise ValueError(f"stage {index}, application {i}: the token permutation would change")
 
 
 @torch.no_grad()
@@ -287,8 +276,8 @@ def convert(
     plain = source if isinstance(source, SReT) else from_vit(source)
     model = recursify(plain, loops, rank, init, vectors)
     diff, scale, agreement = compare(source, model)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return Recursified(model, count(source), count(model), diff, scale, agreement)
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (source, model))
+    return Recursified(model, before, after, diff, scale, agreement)
 
 
 def checkpoint_args(model: SReT, base: str) -> dict[str, Any]:
@@ -358,13 +347,14 @@ def recursify_file(
         result = convert(model, loops, rank, init, vectors)
     except ValueError as e:
         raise UserError(f"cannot recursify {source}: {e}") from None
-    stem = source.removeprefix("timm:") if source.startswith("timm:") else Path(source).stem
-    path = Path(out) if out else Path(source).with_name(f"{stem}-L{loops}-r{rank}.safetensors")
-    if source.startswith("timm:") and not out:
-        path = Path(f"{stem}-L{loops}-r{rank}.safetensors")
+    timm_source = source.startswith("timm:")
+    name = (
+        f"{source.removeprefix('timm:') if timm_source else Path(source).stem}-L{loops}-r{rank}.safetensors"
+    )
+    path = Path(out) if out else Path(name) if timm_source else Path(source).with_name(name)
     if path.suffix != ".safetensors":
         raise UserError(f"--out must be a .safetensors file, got {path}")
-    if not source.startswith("timm:") and path.resolve() == Path(source).resolve():
+    if not timm_source and path.resolve() == Path(source).resolve():
         raise UserError(f"--out {path} is the source itself: choose another file")
     save_weights(result.model, path, base, checkpoint_args(result.model, base), info)
     return result, path

@@ -693,11 +693,15 @@ class Run:
         )
         self.data, self.classes = data, data.classes
         # what a checkpoint needs besides its weights to classify an image file: in classes.json and
-        # in every weights file's metadata
-        self.info = {"classes": self.classes, "preprocess": asdict(self.pre), "dataset": cfg.dataset}
-        # and the validation split, so a weights file moved out of its run (or converted from it)
-        # is still scored on the images the run held out
-        self.info["split"] = {"data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+        # in every weights file's metadata, with the validation split, so that a file moved out of its
+        # run (or converted from it) is still scored on the images the run held out
+        split = {"data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+        self.info = {
+            "classes": self.classes,
+            "preprocess": asdict(self.pre),
+            "dataset": cfg.dataset,
+            "split": split,
+        }
         train = subset(data.train, cfg.train_subset, cfg.seed)
         val = subset(data.val, cfg.val_subset, cfg.seed)
         if cfg.batch_size % d.world_size:
