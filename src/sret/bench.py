@@ -641,8 +641,9 @@ def fused_kernels_apply(cfg: BenchConfig) -> bool:
 
 def native_attention_applies(cfg: BenchConfig) -> bool:
     """Whether SReT attends (and, training, back-propagates its GELUs) in its own C kernels
-    (:mod:`sret.kernels.native`) in this configuration: eager fp32 CPU steps, where they are available."""
-    if cfg.compile or cfg.amp is not None or torch.device(cfg.device).type != "cpu":
+    (:mod:`sret.kernels.native`) in this configuration: eager fp32 or bf16-autocast CPU steps, where
+    they are available."""
+    if cfg.compile or cfg.amp not in (None, "bf16") or torch.device(cfg.device).type != "cpu":
         return False
     return native.library() is not None
 
@@ -821,7 +822,9 @@ def print_report(result: dict[str, Any]) -> None:
         )
         ran.append(f"{what} (sret.kernels)")
     if result.get("sret_native_attention"):
-        if cfg["train"]:
+        if cfg["amp"] == "bf16":
+            ran.append("its attention in its own C kernel, in fp32 (sret.kernels.native)")
+        elif cfg["train"]:
             ran.append("its attention and its MLPs' GELU backward in its own C kernels (sret.kernels.native)")
         else:
             ran.append("its attention in its own C kernel (sret.kernels.native)")

@@ -11,6 +11,9 @@ What the entry points do differently:
   (:mod:`sret.kernels.onednn`);
 - SReT's own C kernels for attention within token groups and for the MLP's GELU backward
   (:mod:`sret.kernels.native`; x86 with AVX-512, else torch's kernels run);
+- under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
+  oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
+  are cast, and attention in the fp32 C kernel, which on CPUs without AMX outruns torch's bf16 one;
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
   widths padded to a multiple of 8;
@@ -44,6 +47,7 @@ __all__ = [
     "fold_batchnorm",
     "linear",
     "mlp",
+    "precision",
     "scaled_residual",
     "sliced_attention",
 ]
@@ -52,16 +56,34 @@ sret_ops = torch.ops.sret
 _enabled = os.environ.get("SRET_KERNELS", "1") != "0"
 
 
+def precision() -> torch.dtype | None:
+    """The dtype the fast paths compute their products in: fp32, or bf16 under CPU autocast to bf16
+    (the residual stream stays in fp32 there, as autocast keeps it); None under autocast to another
+    dtype, which the plain modules serve."""
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+
+
 def active(x: Tensor) -> bool:
-    """The one predicate of the fast paths: eager fp32 work on the CPU, without autocast, not being
-    compiled, exported or traced into a graph, and not switched off (`SRET_KERNELS=0`, :func:`disabled`)."""
+    """The one predicate of the fast paths: eager work on the CPU in fp32 (bf16 inputs too, under
+    autocast to bf16), not being compiled, exported or traced into a graph, and not switched off
+    (`SRET_KERNELS=0`, :func:`disabled`)."""
+    dtype = precision()
     return (
         _enabled
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
+        and dtype is not None
+        and x.dtype in (torch.float32, dtype)
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
     )
+
+
+def lowered(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors in :func:`precision`'s dtype (a differentiable cast, so gradients reach the fp32
+    parameters in fp32): what autocast does to a product's operands, done before the kernels see them."""
+    dtype = precision()
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 @contextmanager
@@ -88,6 +110,7 @@ def gained(weight: Tensor, bias: Tensor, gain: Tensor | None) -> tuple[Tensor, T
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.linear(x, weight, bias)`."""
+    x, weight, bias = lowered(x, weight, bias)
     if _autograd(x, weight, bias):
         return Linear.apply(x, weight, bias)
     return sret_ops.linear(x, weight, bias)
@@ -96,6 +119,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gain: Tensor | None = None) -> Tensor:
     """`gain * F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)` (exact, erf GELU)."""
     w2, b2 = gained(w2, b2, gain)
+    x, w1, b1, w2, b2 = lowered(x, w1, b1, w2, b2)
     if _autograd(x, w1, b1, w2, b2):
         return MLP.apply(x, w1, b1, w2, b2)[0]
     return sret_ops.mlp(x, w1, b1, w2, b2, False)[0]
@@ -124,7 +148,8 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
     """Multi-head attention within `groups` contiguous token groups of a qkv projection's output.
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
-    Returns (B, groups * n, C). Runs SReT's C kernel where it applies (unmasked); else heads are split
+    Returns (B, groups * n, C), in the dtype of `qkv`. Runs SReT's C kernel where it applies (unmasked;
+    in fp32 whatever the dtype of `qkv`); else heads are split
     and short sequences attend by two matrix products and a softmax, longer or masked ones in
     `F.scaled_dot_product_attention`. torch's CPU flash-attention kernel works through 32-query blocks
     one small GEMM at a time, slower than the unfused products on 49-token groups with 32-wide heads;
@@ -134,8 +159,8 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
     B, N, width = qkv.shape
     n, dim = N // groups, width // 3
     if key_mask is None and native.applies(qkv, n, dim // heads):
-        if _autograd(qkv):
-            return SlicedAttention.apply(qkv, groups, heads, scale)[0]
+        if _autograd(qkv):  # the backward kernel is fp32: a bf16 qkv is widened (a differentiable cast)
+            return SlicedAttention.apply(qkv.float(), groups, heads, scale)[0].to(qkv.dtype)
         return sret_ops.sliced_attention(qkv, groups, heads, scale, False)[0]
     q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
     if key_mask is None and n <= UNFUSED_ATTENTION_TOKENS:
@@ -184,4 +209,5 @@ def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) 
     if any(conv.stride != (stride, stride) or conv.padding != (padding, padding) for conv, _ in layers):
         raise ValueError("conv_bn_relu's layers must share one square stride and padding")
     weights, biases = zip(*(fold_batchnorm(conv, bn) for conv, bn in layers), strict=True)
-    return sret_ops.conv_bn_relu(x, list(weights), list(biases), stride, padding)
+    x, *weights = lowered(x, *weights)
+    return sret_ops.conv_bn_relu(x, list(weights), list(lowered(*biases)), stride, padding)

@@ -106,7 +106,9 @@ class ScaledResidual(torch.autograd.Function):
         x, skip = ctx.saved_tensors
         need_x, _, need_skip = ctx.needs_input_grad
         with torch.no_grad():
-            grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1)).view(1) if need_skip else None
+            grad_skip = None
+            if need_skip:  # x may be bf16 under autocast where the (promoted) output is fp32
+                grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1).to(grad.dtype)).view(1)
             return grad * skip if need_x else None, grad, grad_skip
 
 

@@ -99,9 +99,11 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.sret_attention_forward.argtypes = [p, p, p, i, i, i, i, f, i]
+    lib.sret_attention_forward_bf16.argtypes = [p, p, p, i, i, i, i, f, i]
     lib.sret_attention_backward.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
     lib.sret_gelu_backward.argtypes = [p, p, p, p, ctypes.c_long, i, i]
-    for fn in (lib.sret_attention_forward, lib.sret_attention_backward, lib.sret_gelu_backward):
+    kernels = (lib.sret_attention_forward, lib.sret_attention_forward_bf16, lib.sret_attention_backward)
+    for fn in (*kernels, lib.sret_gelu_backward):
         fn.restype = i
     return lib
 
@@ -111,8 +113,15 @@ def _runs_on(*tensors: Tensor) -> bool:
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
-    """Whether the kernel can attend this (contiguous fp32 CPU) qkv projection output."""
-    return _runs_on(qkv) and head_dim <= MAX_HEAD_DIM and tokens <= MAX_TOKENS and library() is not None
+    """Whether the kernel can attend this qkv projection output (a CPU tensor, fp32 or bf16; the
+    backward and :func:`attention_forward` with `keep_lse` take contiguous fp32)."""
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype in (torch.float32, torch.bfloat16)
+        and head_dim <= MAX_HEAD_DIM
+        and tokens <= MAX_TOKENS
+        and library() is not None
+    )
 
 
 def attention_forward(
@@ -122,13 +131,16 @@ def attention_forward(
     of every query's scores, which the backward needs.
 
     qkv: (B, groups * n, 3 * C), the qkv projection's output (q, k, v, each `heads` heads of C / heads
-    channels); returns (B, groups * n, C), heads side by side, as the output projection takes them.
-    Check :func:`applies` first."""
+    channels), contiguous fp32, or bf16 (attended in fp32); returns (B, groups * n, C) in its dtype,
+    heads side by side, as the output projection takes them. Check :func:`applies` first."""
     batch, tokens, width = qkv.shape
     n, dim = tokens // groups, width // 3
+    qkv = qkv.contiguous()
     out = qkv.new_empty(batch, tokens, dim)
-    lse = qkv.new_empty(batch * groups * heads, n) if keep_lse else None
-    status = library().sret_attention_forward(
+    lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
+    lib = library()
+    kernel = lib.sret_attention_forward_bf16 if qkv.dtype == torch.bfloat16 else lib.sret_attention_forward
+    status = kernel(
         qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
         batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
     )  # fmt: skip

@@ -173,7 +173,11 @@ def sliced_attention(
 @torch.library.register_fake("sret::sliced_attention")
 def _sliced_attention_fake(qkv, groups, heads, scale, keep_lse) -> tuple[Tensor, Tensor]:
     batch, tokens, width = qkv.shape
-    lse = qkv.new_empty(batch * groups * heads, tokens // groups) if keep_lse else _empty(qkv)
+    lse = (
+        qkv.new_empty(batch * groups * heads, tokens // groups, dtype=torch.float32)
+        if keep_lse
+        else _empty(qkv)
+    )
     return qkv.new_empty(batch, tokens, width // 3), lse
 
 

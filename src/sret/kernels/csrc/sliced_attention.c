@@ -14,6 +14,10 @@
  * scale * log2(e)), so the softmax takes 2^x. lse holds, per (group, head) pair, each query's
  * base-2 log-sum-exp of those scores, which the backward uses to recompute the probabilities instead
  * of storing them. Head widths up to 48 (three vectors).
+ *
+ * The forward also reads a bf16 qkv and writes a bf16 result (inference under autocast): each
+ * (group, head) pair is widened into an fp32 scratch block, attended in fp32 as above and rounded
+ * back, so the products and the softmax are fp32 whatever the storage.
  */
 #include <math.h>
 #include <omp.h>
@@ -175,7 +179,50 @@ typedef struct {
     float *result, *lse_out;
     int groups, heads, n, depth, first, end, failed;
     float scale;
+    const unsigned short *qkv16; /* bf16 forward: qkv16 and result16 instead of qkv and result */
+    unsigned short *result16;
 } Work;
+
+/* rows x (parts * depth) floats from `parts` bf16 blocks of `depth` per row (blocks `part_ld` apart,
+ * rows `ld` apart), and back. */
+static void widen_rows(const unsigned short *x, long ld, long part_ld, int parts, int rows, int depth,
+                       float *out) {
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < parts; t++)
+            for (int d = 0; d < depth; d += 16) {
+                __mmask16 lanes = depth - d >= 16 ? 0xFFFF : (__mmask16)((1u << (depth - d)) - 1);
+                __m512 v = load_bf16(x + r * ld + t * part_ld + d, lanes);
+                _mm512_mask_storeu_ps(out + ((long)r * parts + t) * depth + d, lanes, v);
+            }
+}
+
+static void narrow_rows(const float *x, int rows, int depth, unsigned short *out, long ld) {
+    for (int r = 0; r < rows; r++)
+        for (int d = 0; d < depth; d += 16) {
+            __mmask16 lanes = depth - d >= 16 ? 0xFFFF : (__mmask16)((1u << (depth - d)) - 1);
+            store_bf16(out + r * ld + d, lanes, _mm512_maskz_loadu_ps(lanes, x + (long)r * depth + d));
+        }
+}
+
+static void forward_range_bf16(Work *w) {
+    Shape sh = shape_of(w->n, w->depth);
+    long c = (long)w->heads * w->depth, ld = 3 * c, dd = sh.depth;
+    float *kt = aligned_alloc(64, sizeof(float) * (size_t)((sh.depth + ROWS) * sh.width + 4L * sh.n * dd));
+    if (!kt) {
+        w->failed = 1;
+        return;
+    }
+    float *pair_qkv = kt + (long)(sh.depth + ROWS) * sh.width, *pair_out = pair_qkv + 3L * sh.n * dd;
+    for (int pair = w->first; pair < w->end; pair++) {
+        long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
+        widen_rows(w->qkv16 + row * ld + col, ld, c, 3, sh.n, sh.depth, pair_qkv);
+        forward_pair(sh, pair_qkv, pair_qkv + dd, pair_qkv + 2 * dd, 3 * dd, pair_out, dd,
+                     w->lse_out ? w->lse_out + (long)pair * w->n : 0, w->scale, kt,
+                     kt + (long)sh.depth * sh.width);
+        narrow_rows(pair_out, sh.n, sh.depth, w->result16 + row * c + col, c);
+    }
+    free(kt);
+}
 
 static void forward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
@@ -235,12 +282,18 @@ static int run(void (*body)(Work *), Work base, int threads) {
 
 int sret_attention_forward(const float *qkv, float *out, float *lse, int groups, int heads, int n, int depth,
                            float scale, int threads) {
-    Work w = {qkv, 0, 0, 0, out, lse, groups, heads, n, depth, 0, 0, 0, scale};
+    Work w = {qkv, 0, 0, 0, out, lse, groups, heads, n, depth, 0, 0, 0, scale, 0, 0};
     return run(forward_range, w, threads);
+}
+
+int sret_attention_forward_bf16(const unsigned short *qkv, unsigned short *out, float *lse, int groups,
+                                int heads, int n, int depth, float scale, int threads) {
+    Work w = {0, 0, 0, 0, 0, lse, groups, heads, n, depth, 0, 0, 0, scale, qkv, out};
+    return run(forward_range_bf16, w, threads);
 }
 
 int sret_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse,
                             float *dqkv, int groups, int heads, int n, int depth, float scale, int threads) {
-    Work w = {qkv, out, dout, lse, dqkv, 0, groups, heads, n, depth, 0, 0, 0, scale};
+    Work w = {qkv, out, dout, lse, dqkv, 0, groups, heads, n, depth, 0, 0, 0, scale, 0, 0};
     return run(backward_range, w, threads);
 }

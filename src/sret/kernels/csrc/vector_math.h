@@ -21,4 +21,21 @@ static inline __m512 exp2_ps(__m512 x) {
 
 #define LOG2E 1.44269504088896341f
 
+/* bf16 <-> fp32 for `count` <= 16 values (the rest of the vector zero / untouched). A bf16 is the high
+ * half of an fp32, so widening is exact; narrowing rounds to nearest even and keeps NaNs NaN, as
+ * torch's conversion does. */
+static inline __m512 load_bf16(const unsigned short *x, __mmask16 lanes) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline void store_bf16(unsigned short *x, __mmask16 lanes, __m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+    _mm256_mask_storeu_epi16(x, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
 #endif
