@@ -207,3 +207,60 @@ def test_cli_bench_prints_the_part_table() -> None:
     assert result.exit_code == 0, result.output
     assert "time per part" in result.output and "(rest)" in result.output
     assert all(f"stages.{i}" in result.output for i in range(3))
+
+
+OTHER_IMPLEMENTATION = """
+import timm
+from timm.models import register_model
+from torch import nn
+
+
+class Wrapped(nn.Module):  # an older-timm style constructor: no **kwargs
+    def __init__(self, drop_path_rate=0.0, img_size=224):
+        super().__init__()
+        self.inner = timm.create_model("sret_nano", drop_path_rate=drop_path_rate, img_size=img_size)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@register_model
+def SReT_Nano(pretrained=False, **kwargs):  # hands timm's pretrained_cfg on, as old entry points do
+    return Wrapped(**kwargs)
+"""
+
+
+def test_bench_times_a_model_from_a_file_beside_ours(tmp_path) -> None:
+    """`--model-file` imports a file registering timm models (an entry point written for older timm
+    included); a model of the same name in another implementation gets an images/s ratio, and the
+    memory children import the file too."""
+    path = tmp_path / "other.py"
+    path.write_text(OTHER_IMPLEMENTATION)
+    args = ["bench", "sret_nano", "SReT_Nano", "--model-file", str(path), "--no-reference"]
+    args += ["--img-size", "32", "--batch", "2", "--warmup", "0", "--repeats", "1", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [r["model"] for r in doc["rows"]] == ["sret_nano", "SReT_Nano"]
+    assert doc["rows"][1]["peak_mem_mib"] > 0
+    assert any(c["what"] == "sret_nano images/s / SReT_Nano images/s" for c in doc["comparisons"])
+
+
+def test_bench_model_file_errors_name_the_file(tmp_path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("import a_package_that_is_not_installed\n")
+    for path, message in ((broken, "could not import"), (tmp_path / "absent.py", "model file(s) not found")):
+        result = CliRunner().invoke(app, ["bench", "sret_nano", "--model-file", str(path), "--no-memory"])
+        assert result.exit_code == 2 and message in result.output and str(path.name) in result.output
+        assert "Traceback" not in result.output
+
+
+def test_bench_compares_sret_with_its_plain_modules() -> None:
+    """`--compare-plain` runs each SReT model a second time with the kernels off (a reference model
+    only once), and prints the ratio: a fast path slower than torch's own shows below 1."""
+    entries = contenders(["sret_nano"], references=("deit_tiny_patch16_224",), compare_plain=True)
+    assert [e.label for e in entries] == ["sret_nano", "sret_nano plain", "deit_tiny_patch16_224"]
+    cfg = BenchConfig(batch=2, img_size=32, warmup=0, repeats=1, memory=False)
+    doc = run_benchmark(entries, cfg)
+    assert any(c["what"] == "sret_nano images/s / sret_nano plain images/s" for c in doc["comparisons"])
+    assert kernels.active(torch.empty(0))  # the plain step switched them off only inside itself

@@ -304,11 +304,16 @@ def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
 
 
 # ---- the operators, as tools see them -----------------------------------------------------------------
-def test_kernels_step_aside_for_fp16_autocast_and_compilers() -> None:
+def test_kernels_step_aside_for_fp16_autocast_and_compilers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 autocast runs the kernels in bf16 where oneDNN has bf16 kernels, else the plain modules."""
     x = torch.randn(2, 3)
     assert kernels.active(x) and not kernels.active(x.double()) and kernels.precision() == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.active(x) and kernels.active(x.bfloat16()) and kernels.precision() == torch.bfloat16
+        bf16 = onednn.ONEDNN_BF16
+        assert kernels.active(x) is bf16 and kernels.active(x.bfloat16()) is bf16
+        assert kernels.precision() == (torch.bfloat16 if bf16 else None)
+        monkeypatch.setattr(onednn, "ONEDNN_BF16", False)
+        assert not kernels.active(x) and kernels.precision() is None
     with torch.autocast("cpu", dtype=torch.float16):
         assert not kernels.active(x) and kernels.precision() is None
     with kernels.disabled():

@@ -16,6 +16,8 @@ high-water mark after building the model, optimizer state, gradient buffers and 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -75,8 +77,12 @@ class BenchConfig:
     memory: bool = True
     attention_time: bool = False  # also time the attention calls inside each step (CPU, eager)
     part_time: bool = False  # also time each top-level part of the model inside each step (CPU, eager)
+    model_files: tuple[str, ...] = ()  # Python files that register more timm models (import_model_files)
 
     def __post_init__(self) -> None:
+        missing = [path for path in self.model_files if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"model file(s) not found: {', '.join(missing)}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be 'bf16' or unset, got {self.amp!r}")
         if self.shuffle not in (None, "none", "fixed", "random"):
@@ -113,10 +119,11 @@ class Contender:
     name: str
     grad_checkpointing: bool = False
     reference: bool = False
+    plain: bool = False  # SReT on its plain modules, torch's kernels (sret.kernels.disabled)
 
     @property
     def label(self) -> str:
-        return self.name + (" +ckpt" if self.grad_checkpointing else "")
+        return self.name + (" plain" if self.plain else "") + (" +ckpt" if self.grad_checkpointing else "")
 
 
 @dataclass
@@ -149,6 +156,27 @@ class BenchRow:
 # --------------------------------------------------------------------------------------------------
 # Building models and steps
 # --------------------------------------------------------------------------------------------------
+def import_model_files(paths: Sequence[str]) -> None:
+    """Import Python files that register timm models (`@register_model`), so that a model defined
+    outside timm and sret can be timed by name beside ours: the authors' `SReT.py` (its `SReT_T` is
+    `sret_t`), say. Each file is imported once per process; a file that fails to import is a
+    BenchError naming it and the cause (a missing package, say)."""
+    for path in paths:
+        name = "sret_bench_models_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise BenchError(f"{path}: not an importable Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # timm's register_model looks its module up here
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # whatever the file raises, reported as the file's failure
+            del sys.modules[name]
+            raise BenchError(f"could not import {path}: {type(e).__name__}: {e}") from e
+
+
 def is_sret(name: str) -> bool:
     return name.split(".", 1)[0] in MODEL_CONFIGS
 
@@ -179,12 +207,23 @@ def _create(name: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> nn.M
     """timm.create_model, leaving out the `optional` keywords that the architecture rejects (models
     without stochastic depth or a fixed input size, such as most CNNs, take neither)."""
     try:
-        return timm.create_model(name, pretrained=False, **kwargs, **optional)
+        return _construct(name, {**kwargs, **optional})
     except TypeError as e:
         rejected = [key for key in optional if f"'{key}'" in str(e)]
         if not rejected:
             raise
         return _create(name, kwargs, {k: v for k, v in optional.items() if k != rejected[0]})
+
+
+def _construct(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model; for an entry point written for older timm, which hands its keywords on to
+    a model that rejects the `pretrained_cfg` timm now passes, the entry point itself."""
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "pretrained_cfg" not in str(e):
+            raise
+        return timm.models.model_entrypoint(name)(pretrained=False, **kwargs)
 
 
 def autocast(cfg: BenchConfig) -> AbstractContextManager:
@@ -349,8 +388,9 @@ class Step:
     parts: PartTimer | None = None  # with cfg.part_time
 
 
-def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
-    """Bind model, a random batch and (when training) an AdamW optimizer into a callable step."""
+def make_step(model: nn.Module, img_size: int, cfg: BenchConfig, plain: bool = False) -> Step:
+    """Bind model, a random batch and (when training) an AdamW optimizer into a callable step; with
+    `plain`, SReT's kernels are off inside it."""
     x = torch.randn(cfg.batch, 3, img_size, img_size, device=cfg.device)
     model.train(cfg.train)
     # static shapes: every model is timed at one fixed batch and size
@@ -360,7 +400,8 @@ def make_step(model: nn.Module, img_size: int, cfg: BenchConfig) -> Step:
 
     @contextmanager
     def timing() -> Iterator[None]:
-        with timer.timing() if timer else nullcontext(), parts.timing() if parts else nullcontext():
+        off = kernels.disabled() if plain else nullcontext()
+        with timer.timing() if timer else nullcontext(), parts.timing() if parts else nullcontext(), off:
             yield
 
     if not cfg.train:
@@ -499,7 +540,7 @@ def measure_memory_here(contender: Contender, cfg: BenchConfig) -> dict[str, flo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, img_size = build_model(contender, cfg)
-    step = make_step(model, img_size, cfg)
+    step = make_step(model, img_size, cfg, contender.plain)
     materialise_training_state(step)
     if torch.device(cfg.device).type == "cuda":
         synchronize(cfg.device)
@@ -531,7 +572,9 @@ def measure_memory(contender: Contender, cfg: BenchConfig) -> dict[str, float]:
 
 def _child_main(spec: str) -> None:
     data = json.loads(spec)
-    result = measure_memory_here(Contender(**data["contender"]), BenchConfig(**data["config"]))
+    cfg = BenchConfig(**{**data["config"], "model_files": tuple(data["config"]["model_files"])})
+    import_model_files(cfg.model_files)
+    result = measure_memory_here(Contender(**data["contender"]), cfg)
     print(json.dumps(result))
 
 
@@ -543,10 +586,17 @@ def contenders(
     references: Sequence[str] = REFERENCES,
     grad_checkpointing: bool = False,
     compare_checkpointing: bool = False,
+    compare_plain: bool = False,
 ) -> list[Contender]:
-    """Models in the order they are run; with `compare_checkpointing` each model runs both ways."""
+    """Models in the order they are run; with `compare_checkpointing` each model runs both ways, with
+    `compare_plain` each SReT model also on torch's kernels alone."""
     modes = (False, True) if compare_checkpointing else (grad_checkpointing,)
-    out = [Contender(name, ckpt) for name in models for ckpt in modes]
+    out = []
+    for name in models:
+        for ckpt in modes:
+            out.append(Contender(name, ckpt))
+            if compare_plain and is_sret(name):
+                out.append(Contender(name, ckpt, plain=True))
     out += [Contender(name, grad_checkpointing, reference=True) for name in references if name not in models]
     return out
 
@@ -576,7 +626,8 @@ def _prepare(contender: Contender, cfg: BenchConfig) -> _Prepared:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise BenchError(f"{contender.label} cannot run at {size}: {reason}") from e
     params = sum(p.numel() for p in model.parameters())
-    return _Prepared(contender, make_step(model, img_size, cfg), img_size, params, macs, part_macs=part_macs)
+    step = make_step(model, img_size, cfg, contender.plain)
+    return _Prepared(contender, step, img_size, params, macs, part_macs=part_macs)
 
 
 def run_benchmark(
@@ -587,6 +638,7 @@ def run_benchmark(
     """Time every contender round-robin, measure memory and the matmul peak; the JSON document."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    import_model_files(cfg.model_files)
     probe, probe_flop = matmul_probe(cfg.device, cfg.amp)
     prepared = []
     for entry in entries:
@@ -719,6 +771,12 @@ def comparisons(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
             if row.attention_ms and reference.attention_ms:
                 what = f"{row.label} attention ms / {reference.label} attention ms"
                 ratio(what, row.attention_ms / reference.attention_ms)
+        for other in rows:  # the same model in another implementation (the authors' SReT_T for sret_t)
+            if is_sret(row.model) and other.model != row.model and other.model.lower() == row.model.lower():
+                ratio(f"{row.label} images/s / {other.label} images/s", row.images_per_s / other.images_per_s)
+        plain = by_label.get(row.label.replace(row.model, f"{row.model} plain", 1))
+        if plain is not None and plain is not row:
+            ratio(f"{row.label} images/s / {plain.label} images/s", row.images_per_s / plain.images_per_s)
         twin = by_label.get(row.label.replace(row.model, f"{row.model}_noslice", 1))
         if twin is not None and twin is not row:
             ratio(f"{row.label} images/s / {twin.label} images/s", row.images_per_s / twin.images_per_s)

@@ -81,6 +81,9 @@ def bench_cmd(
     reference: bool = typer.Option(
         True, "--reference/--no-reference", help="Include deit_tiny_patch16_224 and pit_ti_224."
     ),
+    compare_plain: bool = typer.Option(
+        False, "--compare-plain", help="Also run each SReT model on torch's kernels alone; print ratios."
+    ),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one step."),
     attention_time: bool = typer.Option(
         False, "--attention-time", help="Also report each step's time in attention (CPU, eager)."
@@ -91,6 +94,12 @@ def bench_cmd(
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed rounds first."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed rounds (median reported)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    model_files: list[str] | None = typer.Option(
+        None,
+        "--model-file",
+        help="Python file registering more timm models, imported first (repeatable): e.g. the authors' "
+        "SReT.py, to time its SReT_T beside sret_t.",
+    ),
 ) -> None:
     """Images/s, latency, peak memory and GFLOP/s (and % of matmul peak) next to timm references."""
     import json
@@ -105,6 +114,7 @@ def bench_cmd(
         BenchConfig,
         BenchError,
         contenders,
+        import_model_files,
         print_report,
         run_benchmark,
     )
@@ -126,14 +136,18 @@ def bench_cmd(
             memory=memory,
             attention_time=attention_time,
             part_time=part_time,
+            model_files=tuple(model_files or ()),
         )
+        import_model_files(cfg.model_files)
         unknown = [name for name in models or () if not timm.is_model(name)]
         if unknown:
             raise ValueError(f"unknown model(s): {', '.join(unknown)} (see `sret models`)")
     except ValueError as e:
         raise _user_error(e, code=2) from None
     references = REFERENCES if reference else ()
-    entries = contenders(models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing)
+    entries = contenders(
+        models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing, compare_plain
+    )
     console = Console(stderr=True)
     try:
         result = run_benchmark(entries, cfg, log=lambda msg: console.log(msg))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sret.kernels import native
+from sret.kernels import native, onednn
 from sret.kernels.autograd import MLP, Linear, ScaledResidual, SlicedAttention, TokenPermutation
 
 __all__ = [
@@ -58,11 +58,13 @@ _enabled = os.environ.get("SRET_KERNELS", "1") != "0"
 
 def precision() -> torch.dtype | None:
     """The dtype the fast paths compute their products in: fp32, or bf16 under CPU autocast to bf16
-    (the residual stream stays in fp32 there, as autocast keeps it); None under autocast to another
-    dtype, which the plain modules serve."""
+    (the residual stream stays in fp32 there, as autocast keeps it) where oneDNN has bf16 kernels;
+    None under autocast to another dtype, or to bf16 on a CPU without them (one held to AVX2, where
+    the fast paths were slower than torch's own), which the plain modules serve."""
     if not torch.is_autocast_enabled("cpu"):
         return torch.float32
-    return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and onednn.ONEDNN_BF16
+    return torch.bfloat16 if bf16 else None
 
 
 def active(x: Tensor) -> bool:

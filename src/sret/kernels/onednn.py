@@ -45,6 +45,12 @@ ONEDNN_BF16 = ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 ONEDNN_MIN_MACS = 1 << 23
 
 
+# The weight gradient as a 1x1 convolution's (:func:`weight_grad`) gains only from oneDNN's AVX-512
+# kernels: on a CPU held to AVX2 it took up to twice MKL's time at SReT's narrowing layers
+# (benchmarks/README.md). ATen's capability is what torch itself runs at (ATEN_CPU_CAPABILITY).
+CONV_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def applies(x: Tensor, macs: int | None = None) -> bool:
     """Whether oneDNN runs a product of `macs` multiply-accumulates (any size when None) on the fp32
     or bf16 CPU tensor `x`."""
@@ -72,12 +78,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = F
 def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """A linear layer's weight gradient `grad.T @ x` from rows of output gradients and inputs.
 
-    Where oneDNN applies and the layer does not widen (in >= out features), it runs as the weight
-    gradient of a 1x1 convolution over the rows, laid out channels-last so that no copy is made
-    (faster than MKL's GEMM at SReT's shapes, benchmarks/README.md). For widening layers MKL's GEMM
-    was as fast or faster.
+    Where oneDNN applies with AVX-512 kernels, in fp32, and the layer does not widen (in >= out
+    features), it runs as the weight gradient of a 1x1 convolution over the rows, laid out
+    channels-last so that no copy is made (faster than MKL's GEMM at SReT's shapes on the CPU it was
+    measured on, benchmarks/README.md). For widening layers MKL's GEMM was as fast or faster.
     """
-    if not (applies(x, x.numel() * grad.shape[1]) and x.shape[1] >= grad.shape[1]):
+    conv = CONV_WEIGHT_GRAD and x.dtype == torch.float32 and x.shape[1] >= grad.shape[1]
+    if not (conv and applies(x, x.numel() * grad.shape[1])):
         return grad.t() @ x
 
     def as_image(rows: Tensor) -> Tensor:  # (M, C) -> (1, C, M, 1), channels-last view
