@@ -55,9 +55,10 @@ class MLP(torch.autograd.Function):
         x, w1, _, w2, _ = inputs
         ctx.save_for_backward(x, output[1], w1, w2)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else autograd zero-fills a hidden-sized gradient for `h`
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         x, h, w1, w2 = ctx.saved_tensors
         with torch.no_grad():
             grads = sret_ops.mlp_backward(grad, x, h, w1, w2, ctx.needs_input_grad[0])
@@ -77,10 +78,11 @@ class SlicedAttention(torch.autograd.Function):
         out, lse = output
         ctx.save_for_backward(qkv, out, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for `lse`
         ctx.layout = groups, heads, scale
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, None, None, None]:
         qkv, out, lse = ctx.saved_tensors
         with torch.no_grad():
             return sret_ops.sliced_attention_backward(grad, qkv, out, lse, *ctx.layout), None, None, None
