@@ -113,11 +113,12 @@ def _runs_on(*tensors: Tensor) -> bool:
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
-    """Whether the kernel can attend this qkv projection output (a CPU tensor, fp32 or bf16; the
-    backward and :func:`attention_forward` with `keep_lse` take contiguous fp32)."""
+    """Whether the kernel can attend this qkv projection output (a contiguous CPU tensor, fp32 or
+    bf16; the backward, and so :func:`attention_forward` with `keep_lse`, takes fp32)."""
     return (
         qkv.device.type == "cpu"
         and qkv.dtype in (torch.float32, torch.bfloat16)
+        and qkv.is_contiguous()
         and head_dim <= MAX_HEAD_DIM
         and tokens <= MAX_TOKENS
         and library() is not None
@@ -135,7 +136,6 @@ def attention_forward(
     heads side by side, as the output projection takes them. Check :func:`applies` first."""
     batch, tokens, width = qkv.shape
     n, dim = tokens // groups, width // 3
-    qkv = qkv.contiguous()
     out = qkv.new_empty(batch, tokens, dim)
     lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
     lib = library()
