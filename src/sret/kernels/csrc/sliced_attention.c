@@ -204,40 +204,34 @@ static void narrow_rows(const float *x, int rows, int depth, unsigned short *out
         }
 }
 
-static void forward_range_bf16(Work *w) {
-    Shape sh = shape_of(w->n, w->depth);
-    long c = (long)w->heads * w->depth, ld = 3 * c, dd = sh.depth;
-    float *kt = aligned_alloc(64, sizeof(float) * (size_t)((sh.depth + ROWS) * sh.width + 4L * sh.n * dd));
-    if (!kt) {
-        w->failed = 1;
-        return;
-    }
-    float *pair_qkv = kt + (long)(sh.depth + ROWS) * sh.width, *pair_out = pair_qkv + 3L * sh.n * dd;
-    for (int pair = w->first; pair < w->end; pair++) {
-        long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
-        widen_rows(w->qkv16 + row * ld + col, ld, c, 3, sh.n, sh.depth, pair_qkv);
-        forward_pair(sh, pair_qkv, pair_qkv + dd, pair_qkv + 2 * dd, 3 * dd, pair_out, dd,
-                     w->lse_out ? w->lse_out + (long)pair * w->n : 0, w->scale, kt,
-                     kt + (long)sh.depth * sh.width);
-        narrow_rows(pair_out, sh.n, sh.depth, w->result16 + row * c + col, c);
-    }
-    free(kt);
-}
-
+/* The pairs [first, end): straight from qkv into result, or (bf16) each pair widened into scratch,
+ * attended there and rounded into result16. */
 static void forward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
-    long c = (long)w->heads * w->depth, ld = 3 * c;
-    float *kt = aligned_alloc(64, sizeof(float) * (size_t)(sh.depth + ROWS) * sh.width);
+    long c = (long)w->heads * w->depth, ld = 3 * c, dd = sh.depth;
+    long packed = (long)(sh.depth + ROWS) * sh.width; /* packed keys and a block of scores */
+    int bf16 = w->qkv16 != 0;
+    float *kt = aligned_alloc(64, sizeof(float) * (size_t)(packed + (bf16 ? 4L * sh.n * dd : 0)));
     if (!kt) {
         w->failed = 1;
         return;
     }
+    float *pair_qkv = kt + packed, *pair_out = pair_qkv + 3L * sh.n * dd; /* bf16 only */
     for (int pair = w->first; pair < w->end; pair++) {
         long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
-        const float *base = w->qkv + row * ld + col;
-        forward_pair(sh, base, base + c, base + 2 * c, ld, w->result + row * c + col, c,
+        const float *base;
+        float *out;
+        long part, ldq, ldo;
+        if (bf16) {
+            widen_rows(w->qkv16 + row * ld + col, ld, c, 3, sh.n, sh.depth, pair_qkv);
+            base = pair_qkv, part = dd, ldq = 3 * dd, out = pair_out, ldo = dd;
+        } else {
+            base = w->qkv + row * ld + col, part = c, ldq = ld, out = w->result + row * c + col, ldo = c;
+        }
+        forward_pair(sh, base, base + part, base + 2 * part, ldq, out, ldo,
                      w->lse_out ? w->lse_out + (long)pair * w->n : 0, w->scale, kt,
                      kt + (long)sh.depth * sh.width);
+        if (bf16) narrow_rows(pair_out, sh.n, sh.depth, w->result16 + row * c + col, c);
     }
     free(kt);
 }
@@ -289,7 +283,7 @@ int sret_attention_forward(const float *qkv, float *out, float *lse, int groups,
 int sret_attention_forward_bf16(const unsigned short *qkv, unsigned short *out, float *lse, int groups,
                                 int heads, int n, int depth, float scale, int threads) {
     Work w = {0, 0, 0, 0, 0, lse, groups, heads, n, depth, 0, 0, 0, scale, qkv, out};
-    return run(forward_range_bf16, w, threads);
+    return run(forward_range, w, threads);
 }
 
 int sret_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse,
