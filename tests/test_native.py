@@ -150,6 +150,24 @@ def test_gelu_backward_matches_torch(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(in_place, grad_h, rtol=0, atol=0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 5, 232), (3, 7, 37)])
+def test_gelu_backward_in_bf16_rounds_the_fp32_result(shape: tuple[int, ...]) -> None:
+    """bf16 tensors (bf16 autocast's MLP backward): computed in fp32 from the widened values, rounded
+    to bf16 once (so within one bf16 rounding of torch's fp32 result on the same inputs); the bias
+    gradient is the fp32 sum of the rounded gradient, returned in fp32."""
+    torch.manual_seed(0)
+    h, grad = (torch.randn(shape) * 4).bfloat16(), torch.randn(shape).bfloat16()
+    assert native.gelu_backward_applies(h, grad)
+    assert not native.gelu_backward_applies(h, grad.float())  # mixed dtypes take torch's ops
+    hidden, grad_h, bias = native.gelu_backward(h, grad.clone(), True, True)
+    assert hidden.dtype == grad_h.dtype == torch.bfloat16 and bias.dtype == torch.float32
+    one_rounding = {"rtol": 2**-8, "atol": 1e-6}
+    torch.testing.assert_close(hidden.float(), F.gelu(h.float()), **one_rounding)
+    torch.testing.assert_close(grad_h.float(), torch.ops.aten.gelu_backward(grad.float(), h.float()), **one_rounding)
+    torch.testing.assert_close(bias, grad_h.float().reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_is_skipped_where_it_does_not_apply() -> None:
     qkv = torch.randn(1, 8, 3 * 64)
     assert not native.applies(qkv.double(), 8, 32)

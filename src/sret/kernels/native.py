@@ -8,7 +8,8 @@ the layout of the next projection, in a fraction of the time of torch's path at 
 forward and backward (`benchmarks/README.md`).
 
 The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
-through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three.
+through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three, in fp32 or,
+under bf16 autocast, on bf16 tensors (computed in fp32).
 
 Both need an x86 CPU with AVX-512 and, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
 library is cached per source and flags in `$SRET_CACHE_DIR` (default `~/.cache/sret`). Without
@@ -102,14 +103,11 @@ def library() -> ctypes.CDLL | None:
     lib.sret_attention_forward_bf16.argtypes = [p, p, p, i, i, i, i, f, i]
     lib.sret_attention_backward.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
     lib.sret_gelu_backward.argtypes = [p, p, p, p, ctypes.c_long, i, i]
+    lib.sret_gelu_backward_bf16.argtypes = [p, p, p, p, ctypes.c_long, i, i]
     kernels = (lib.sret_attention_forward, lib.sret_attention_forward_bf16, lib.sret_attention_backward)
-    for fn in (*kernels, lib.sret_gelu_backward):
+    for fn in (*kernels, lib.sret_gelu_backward, lib.sret_gelu_backward_bf16):
         fn.restype = i
     return lib
-
-
-def _runs_on(*tensors: Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
@@ -167,18 +165,27 @@ def attention_backward(
 
 
 def gelu_backward_applies(h: Tensor, grad: Tensor) -> bool:
-    """Whether :func:`gelu_backward` runs on these (contiguous fp32 CPU, same-shape) tensors."""
-    return h.shape == grad.shape and _runs_on(h, grad) and library() is not None
+    """Whether :func:`gelu_backward` runs on these (contiguous CPU, same shape, both fp32 or both bf16)
+    tensors."""
+    return (
+        h.shape == grad.shape
+        and h.dtype == grad.dtype in (torch.float32, torch.bfloat16)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in (h, grad))
+        and library() is not None
+    )
 
 
 def gelu_backward(
     h: Tensor, grad: Tensor, need_hidden: bool, need_bias: bool
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """`gelu(h)` (if `need_hidden`), `grad * gelu'(h)` and, if `need_bias`, its sums over all but the
-    last dim, in one pass. The gradient is computed in place: `grad` is overwritten and returned."""
+    last dim, in one pass. The gradient is computed in place: `grad` is overwritten and returned.
+    bf16 tensors are computed in fp32 and rounded back; the sums are fp32 either way."""
     hidden = torch.empty_like(h) if need_hidden else None
-    bias = h.new_empty(h.shape[-1]) if need_bias else None
-    status = library().sret_gelu_backward(
+    bias = h.new_empty(h.shape[-1], dtype=torch.float32) if need_bias else None
+    lib = library()
+    kernel = lib.sret_gelu_backward_bf16 if h.dtype == torch.bfloat16 else lib.sret_gelu_backward
+    status = kernel(
         h.data_ptr(), grad.data_ptr(), hidden.data_ptr() if need_hidden else None,
         bias.data_ptr() if need_bias else None, h.numel() // h.shape[-1], h.shape[-1],
         torch.get_num_threads(),

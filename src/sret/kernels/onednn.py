@@ -112,11 +112,11 @@ def linear_backward(
 def gelu_backward(h: Tensor, grad: Tensor, need_hidden: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """From the pre-activation `h` and the gradient of `gelu(h)`: `gelu(h)` if `need_hidden`, the
     gradient of `h`, and its sums over all but the last dim (a following linear layer's input and
-    its bias gradient). One pass in :mod:`sret.kernels.native` where it runs (overwriting `grad`),
-    three torch ops elsewhere."""
+    its bias gradient), all in `h`'s dtype. One pass in :mod:`sret.kernels.native` where it runs
+    (overwriting `grad`), three torch ops elsewhere."""
     if native.gelu_backward_applies(h, grad):
         hidden, grad_h, grad_bias = native.gelu_backward(h, grad, need_hidden, True)
-        return hidden, grad_h, grad_bias
+        return hidden, grad_h, grad_bias.to(h.dtype)
     hidden = F.gelu(h) if need_hidden else None
     grad_h = torch.ops.aten.gelu_backward(grad, h)
     return hidden, grad_h, grad_h.reshape(-1, grad_h.shape[-1]).sum(0)

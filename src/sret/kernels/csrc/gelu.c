@@ -10,6 +10,9 @@
  *
  * erf follows Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as torch's vectorised CPU
  * erf does.
+ *
+ * Under bf16 autocast h, the gradient and gelu(h) are bf16: each value is widened, computed in fp32
+ * and rounded back (round to nearest even); the bias gradient sums the rounded gradient in fp32.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -18,8 +21,23 @@
 
 #define BLOCK_ROWS 64 /* rows summed in float before the sum moves to a double accumulator */
 
-/* grad * gelu'(x); also stores gelu(x) to `hidden` (its `valid` lanes) unless it is NULL. */
-static inline __m512 gelu_backward_ps(__m512 x, __m512 grad, float *hidden, __mmask16 valid) {
+/* Element `at` onwards of an fp32 or (bf16 set) bf16 array, `valid` lanes. */
+static inline __attribute__((always_inline)) __m512 load(const void *p, long at, __mmask16 valid, int bf16) {
+    return bf16 ? load_bf16((const unsigned short *)p + at, valid) : _mm512_maskz_loadu_ps(valid, (const float *)p + at);
+}
+
+/* Stores v there, and returns what was stored (v rounded to bf16 where the array is bf16). */
+static inline __attribute__((always_inline)) __m512 store(void *p, long at, __mmask16 valid, __m512 v, int bf16) {
+    if (!bf16) {
+        _mm512_mask_storeu_ps((float *)p + at, valid, v);
+        return v;
+    }
+    store_bf16((unsigned short *)p + at, valid, v);
+    return load_bf16((const unsigned short *)p + at, valid);
+}
+
+/* grad * gelu'(x); also gelu(x) into *hidden. */
+static inline __attribute__((always_inline)) __m512 gelu_backward_ps(__m512 x, __m512 grad, __m512 *hidden) {
     const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
     __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
     __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
@@ -38,14 +56,15 @@ static inline __m512 gelu_backward_ps(__m512 x, __m512 grad, float *hidden, __mm
     __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
     __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
     __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, erf));
-    if (hidden) _mm512_mask_storeu_ps(hidden, valid, _mm512_mul_ps(x, cdf));
+    *hidden = _mm512_mul_ps(x, cdf);
     __m512 pdf = _mm512_mul_ps(gauss, _mm512_set1_ps(0.39894228040143268f)); /* 1/sqrt(2 pi) */
     return _mm512_mul_ps(grad, _mm512_fmadd_ps(x, pdf, cdf));
 }
 
-/* x, grad, hidden: rows x cols, contiguous. bias_grad (cols, may be NULL): column sums of the result. */
-int sret_gelu_backward(const float *x, float *grad, float *hidden, float *bias_grad, long rows, int cols,
-                       int threads) {
+/* x, grad, hidden (may be NULL): rows x cols, contiguous, fp32 or (bf16 set) bf16; the result overwrites
+ * grad. bias_grad (fp32, cols, may be NULL): column sums of the result. */
+static int gelu_backward(const void *x, void *grad, void *hidden, float *bias_grad, long rows, int cols,
+                         int threads, int bf16) {
     int failed = 0;
     double *totals = 0;
     if (threads < 1) threads = 1;
@@ -66,10 +85,10 @@ int sret_gelu_backward(const float *x, float *grad, float *hidden, float *bias_g
                 long at = r * cols;
                 for (int c = 0; c < cols; c += 16) {
                     __mmask16 valid = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
-                    __m512 g = gelu_backward_ps(_mm512_maskz_loadu_ps(valid, x + at + c),
-                                                _mm512_maskz_loadu_ps(valid, grad + at + c),
-                                                hidden ? hidden + at + c : 0, valid);
-                    _mm512_mask_storeu_ps(grad + at + c, valid, g);
+                    __m512 gelu, g = gelu_backward_ps(load(x, at + c, valid, bf16),
+                                                      load(grad, at + c, valid, bf16), &gelu);
+                    if (hidden) store(hidden, at + c, valid, gelu, bf16);
+                    g = store(grad, at + c, valid, g, bf16);
                     if (block) _mm512_storeu_ps(block + c, _mm512_add_ps(_mm512_loadu_ps(block + c), g));
                 }
             }
@@ -89,4 +108,14 @@ int sret_gelu_backward(const float *x, float *grad, float *hidden, float *bias_g
         }
     free(totals);
     return failed;
+}
+
+int sret_gelu_backward(const float *x, float *grad, float *hidden, float *bias_grad, long rows, int cols,
+                       int threads) {
+    return gelu_backward(x, grad, hidden, bias_grad, rows, cols, threads, 0);
+}
+
+int sret_gelu_backward_bf16(const unsigned short *x, unsigned short *grad, unsigned short *hidden,
+                            float *bias_grad, long rows, int cols, int threads) {
+    return gelu_backward(x, grad, hidden, bias_grad, rows, cols, threads, 1);
 }
