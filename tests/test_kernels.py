@@ -289,14 +289,21 @@ def test_model_in_bf16_is_as_close_to_fp32_as_autocast_is() -> None:
 
 @needs_native
 def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
-    """The bf16 forward widens exactly, attends in fp32 and rounds as torch rounds (to nearest even,
-    NaN kept): bit for bit the fp32 kernel on the widened input, then `.bfloat16()`."""
+    """The bf16 kernels widen exactly, compute in fp32 and round as torch rounds (to nearest even, NaN
+    kept): bit for bit the fp32 kernels on the widened inputs, then `.bfloat16()`, forward (with the
+    same log-sum-exp) and backward."""
     torch.manual_seed(0)
     for batch, groups, n, heads, depth in [(2, 4, 49, 2, 32), (1, 3, 10, 1, 40), (2, 1, 196, 4, 48)]:
         qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
-        out, _ = native.attention_forward(qkv, groups, heads, depth**-0.5, False)
-        ref, _ = native.attention_forward(qkv.float(), groups, heads, depth**-0.5, False)
-        assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+        out, lse = native.attention_forward(qkv, groups, heads, depth**-0.5, True)
+        ref, ref_lse = native.attention_forward(qkv.float(), groups, heads, depth**-0.5, True)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16()) and torch.equal(lse, ref_lse)
+        grad = torch.randn_like(out)
+        dqkv = native.attention_backward(grad, qkv, out, lse, groups, heads, depth**-0.5)
+        ref = native.attention_backward(
+            grad.float(), qkv.float(), out.float(), lse, groups, heads, depth**-0.5
+        )
+        assert dqkv.dtype == torch.bfloat16 and torch.equal(dqkv, ref.bfloat16())
     qkv = torch.randn(1, 8, 3 * 32).bfloat16()
     qkv[0, 3, 0] = float("nan")  # a NaN query attends to NaN; the other queries stay finite
     out, _ = native.attention_forward(qkv, 1, 1, 0.2, False)
@@ -347,11 +354,12 @@ def test_attention_operators_pass_torch_opcheck() -> None:
         torch.library.opcheck(
             torch.ops.sret.sliced_attention, args, test_utils=("test_schema", "test_faketensor")
         )
-    out, lse = torch.ops.sret.sliced_attention(qkv, 4, 2, 0.17, True)
-    args = (torch.randn_like(out), qkv, out, lse, 4, 2, 0.17)
-    torch.library.opcheck(
-        torch.ops.sret.sliced_attention_backward, args, test_utils=("test_schema", "test_faketensor")
-    )
+    for dtype in (torch.float32, torch.bfloat16):
+        out, lse = torch.ops.sret.sliced_attention(qkv.to(dtype), 4, 2, 0.17, True)
+        args = (torch.randn_like(out), qkv.to(dtype), out, lse, 4, 2, 0.17)
+        torch.library.opcheck(
+            torch.ops.sret.sliced_attention_backward, args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 @needs_native

@@ -13,7 +13,8 @@ What the entry points do differently:
   (:mod:`sret.kernels.native`; x86 with AVX-512, else torch's kernels run);
 - under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
   oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
-  are cast, and attention in the fp32 C kernel, which on CPUs without AMX outruns torch's bf16 one;
+  are cast, and attention in the C kernel, in fp32 on the bf16 values, which on CPUs without AMX
+  outruns torch's bf16 one;
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
   widths padded to a multiple of 8;
@@ -161,8 +162,8 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
     B, N, width = qkv.shape
     n, dim = N // groups, width // 3
     if key_mask is None and native.applies(qkv, n, dim // heads):
-        if _autograd(qkv):  # the backward kernel is fp32: a bf16 qkv is widened (a differentiable cast)
-            return SlicedAttention.apply(qkv.float(), groups, heads, scale)[0].to(qkv.dtype)
+        if _autograd(qkv):
+            return SlicedAttention.apply(qkv, groups, heads, scale)[0]
         return sret_ops.sliced_attention(qkv, groups, heads, scale, False)[0]
     q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
     if key_mask is None and n <= UNFUSED_ATTENTION_TOKENS:

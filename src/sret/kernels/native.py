@@ -102,9 +102,15 @@ def library() -> ctypes.CDLL | None:
     lib.sret_attention_forward.argtypes = [p, p, p, i, i, i, i, f, i]
     lib.sret_attention_forward_bf16.argtypes = [p, p, p, i, i, i, i, f, i]
     lib.sret_attention_backward.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
+    lib.sret_attention_backward_bf16.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
     lib.sret_gelu_backward.argtypes = [p, p, p, p, ctypes.c_long, i, i]
     lib.sret_gelu_backward_bf16.argtypes = [p, p, p, p, ctypes.c_long, i, i]
-    kernels = (lib.sret_attention_forward, lib.sret_attention_forward_bf16, lib.sret_attention_backward)
+    kernels = (
+        lib.sret_attention_forward,
+        lib.sret_attention_forward_bf16,
+        lib.sret_attention_backward,
+        lib.sret_attention_backward_bf16,
+    )
     for fn in (*kernels, lib.sret_gelu_backward, lib.sret_gelu_backward_bf16):
         fn.restype = i
     return lib
@@ -112,7 +118,7 @@ def library() -> ctypes.CDLL | None:
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
     """Whether the kernel can attend this qkv projection output (a contiguous CPU tensor, fp32 or
-    bf16; the backward, and so :func:`attention_forward` with `keep_lse`, takes fp32)."""
+    bf16), forward and backward."""
     return (
         qkv.device.type == "cpu"
         and qkv.dtype in (torch.float32, torch.bfloat16)
@@ -151,11 +157,14 @@ def attention_backward(
     grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, groups: int, heads: int, scale: float
 ) -> Tensor:
     """The gradient of :func:`attention_forward`'s output with respect to `qkv`, from the output and
-    log-sum-exp it kept (the scores are recomputed, never stored)."""
-    grad = grad.contiguous()
+    log-sum-exp it kept (the scores are recomputed, never stored). A bf16 `qkv` (with its bf16 output)
+    gives a bf16 gradient, computed in fp32."""
+    grad = grad.to(qkv.dtype).contiguous()
     grad_qkv = torch.empty_like(qkv)
     batch, tokens, width = qkv.shape
-    status = library().sret_attention_backward(
+    lib = library()
+    kernel = lib.sret_attention_backward_bf16 if qkv.dtype == torch.bfloat16 else lib.sret_attention_backward
+    status = kernel(
         qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
         batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
     )  # fmt: skip

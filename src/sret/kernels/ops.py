@@ -4,8 +4,8 @@ Each operator has a CPU implementation, a fake one (shapes only, for FakeTensorM
 tracing compilers) and a flop formula (for `torch.utils.flop_counter.FlopCounterMode`), so tools that
 work on operators see these as ops of their own, with their real cost. Their gradients are the
 `*_backward` operators, wired up in :mod:`sret.kernels.autograd`. The operators run on the CPU, in
-fp32, or in bf16 where their inputs are bf16 (the attention backward in fp32 only: in training a bf16
-qkv is widened before the forward); :func:`sret.kernels.active` decides when the model calls them.
+fp32, or in bf16 where their inputs are bf16; :func:`sret.kernels.active` decides when the model
+calls them.
 
 A hidden width that is not a multiple of 8 runs padded with zero units inside :func:`mlp` (CPU GEMM
 kernels are several times slower on such widths, benchmarks/README.md): the padding outputs GELU(0) = 0
