@@ -61,6 +61,23 @@ static inline __attribute__((always_inline)) __m512 gelu_backward_ps(__m512 x, _
     return _mm512_mul_ps(grad, _mm512_fmadd_ps(x, pdf, cdf));
 }
 
+/* Rows [r0, r1): the gradient over grad, gelu into hidden (unless NULL), the gradient's column sums
+ * added into block (unless NULL). Inlined with bf16 a constant, so each storage gets its own loop. */
+static inline __attribute__((always_inline)) void gelu_backward_rows(const void *x, void *grad, void *hidden,
+                                                                     float *block, long r0, long r1, int cols,
+                                                                     int bf16) {
+    for (long r = r0; r < r1; r++) {
+        long at = r * cols;
+        for (int c = 0; c < cols; c += 16) {
+            __mmask16 valid = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+            __m512 gelu, g = gelu_backward_ps(load(x, at + c, valid, bf16), load(grad, at + c, valid, bf16), &gelu);
+            if (hidden) store(hidden, at + c, valid, gelu, bf16);
+            g = store(grad, at + c, valid, g, bf16);
+            if (block) _mm512_storeu_ps(block + c, _mm512_add_ps(_mm512_loadu_ps(block + c), g));
+        }
+    }
+}
+
 /* x, grad, hidden (may be NULL): rows x cols, contiguous, fp32 or (bf16 set) bf16; the result overwrites
  * grad. bias_grad (fp32, cols, may be NULL): column sums of the result. */
 static int gelu_backward(const void *x, void *grad, void *hidden, float *bias_grad, long rows, int cols,
@@ -81,17 +98,10 @@ static int gelu_backward(const void *x, void *grad, void *hidden, float *bias_gr
         double *total = totals ? totals + (long)t * cols : 0;
         for (long r0 = first; r0 < end && !failed; r0 += BLOCK_ROWS) {
             long r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
-            for (long r = r0; r < r1; r++) {
-                long at = r * cols;
-                for (int c = 0; c < cols; c += 16) {
-                    __mmask16 valid = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
-                    __m512 gelu, g = gelu_backward_ps(load(x, at + c, valid, bf16),
-                                                      load(grad, at + c, valid, bf16), &gelu);
-                    if (hidden) store(hidden, at + c, valid, gelu, bf16);
-                    g = store(grad, at + c, valid, g, bf16);
-                    if (block) _mm512_storeu_ps(block + c, _mm512_add_ps(_mm512_loadu_ps(block + c), g));
-                }
-            }
+            if (bf16)
+                gelu_backward_rows(x, grad, hidden, block, r0, r1, cols, 1);
+            else
+                gelu_backward_rows(x, grad, hidden, block, r0, r1, cols, 0);
             if (block)
                 for (int c = 0; c < cols; c++) {
                     total[c] += block[c];
