@@ -880,12 +880,9 @@ def print_report(result: dict[str, Any]) -> None:
         )
         ran.append(f"{what} (sret.kernels)")
     if result.get("sret_native_attention"):
-        if cfg["amp"] == "bf16":
-            ran.append("its attention in its own C kernel, in fp32 (sret.kernels.native)")
-        elif cfg["train"]:
-            ran.append("its attention and its MLPs' GELU backward in its own C kernels (sret.kernels.native)")
-        else:
-            ran.append("its attention in its own C kernel (sret.kernels.native)")
+        what = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
+        storage = ", in fp32 on the bf16 tensors" if cfg["amp"] == "bf16" else ""
+        ran.append(f"{what} in its own C kernels{storage} (sret.kernels.native)")
     if ran:
         notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:
