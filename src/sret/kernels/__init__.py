@@ -10,7 +10,7 @@ What the entry points do differently:
 - oneDNN's GEMM and convolution kernels, with bias, GELU and ReLU in their epilogue
   (:mod:`sret.kernels.onednn`);
 - SReT's own C kernels for attention within token groups and for the MLP's GELU backward
-  (:mod:`sret.kernels.native`; x86 with AVX-512, else torch's kernels run);
+  (:mod:`sret.kernels.native`; x86 with AVX-512 or AVX2, else torch's kernels run);
 - under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
   oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
   are cast, and attention in the C kernel, in fp32 on the bf16 values, which on CPUs without AMX

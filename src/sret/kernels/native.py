@@ -11,7 +11,8 @@ The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gra
 through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three, in fp32 or,
 under bf16 autocast, on bf16 tensors (computed in fp32).
 
-Both need an x86 CPU with AVX-512 and, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
+They are built for the instruction set torch runs at, AVX-512 or AVX2 with FMA (one source,
+`csrc/vector_math.h`), and need, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
 library is cached per source and flags in `$SRET_CACHE_DIR` (default `~/.cache/sret`). Without
 either, or with `SRET_NATIVE=0`, the model runs torch's kernels, with the same results to float
 rounding.
@@ -36,18 +37,13 @@ _logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c"))
 HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
-FLAGS = (
-    "-O3",
-    "-mavx512f",
-    "-mavx512dq",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mfma",
-    "-shared",
-    "-fPIC",
-    "-fopenmp",
-)
-MAX_HEAD_DIM = 48  # three AVX-512 vectors per row: the kernel's register blocking
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+# The instruction set the kernels are built for (csrc/vector_math.h), per torch's CPU capability.
+ISA_FLAGS = {
+    "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"),
+    "AVX2": ("-mavx2", "-mfma"),
+}
+MAX_HEAD_DIM = 48  # three AVX-512 (six AVX2) vectors per row: the kernel's register blocking
 MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
 
 
@@ -57,13 +53,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SRET_CACHE_DIR") or default)
 
 
-def _compile(compiler: str, target: Path) -> None:
+def isa() -> str | None:
+    """What the kernels are built for: the instruction set torch itself runs at ("AVX512" or "AVX2";
+    `ATEN_CPU_CAPABILITY` lowers it), or None where torch runs at neither (another architecture, an
+    older x86)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "AVX512"
+    return "AVX2" if capability == "AVX2" else None
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     """Build the shared library into `target` atomically (concurrent processes may race to it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"]
+        cmd = [compiler, *flags, "-o", tmp, *map(str, SOURCES), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
@@ -75,23 +81,24 @@ def _compile(compiler: str, target: Path) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot run here (why: logged, at debug level for a CPU
-    without AVX-512, else as a warning)."""
+    """The compiled kernels, built for :func:`isa`, or None where they cannot run here (why: logged,
+    at debug level for a CPU without AVX2, else as a warning)."""
     if os.environ.get("SRET_NATIVE", "1") == "0":
         return None
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        _logger.debug("native kernels off: the CPU has no AVX-512")
+    if isa() is None:
+        _logger.debug("native kernels off: torch runs at neither AVX-512 nor AVX2 here")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         _logger.warning("native kernels off: no C compiler (set CC); using torch's kernels")
         return None
     code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(code + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    flags = (*FLAGS, *ISA_FLAGS[isa()])
+    key = hashlib.sha256(code + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
-            _compile(compiler, target)
+            _compile(compiler, flags, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _logger.warning(

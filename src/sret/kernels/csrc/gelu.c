@@ -1,5 +1,6 @@
 /*
- * The backward of an MLP's exact (erf) GELU in one pass, fp32, AVX-512. Loaded by sret/native.py.
+ * The backward of an MLP's exact (erf) GELU in one pass, fp32, AVX-512 or AVX2 (vector_math.h). Loaded
+ * by sret/native.py.
  *
  * Why: a training step that keeps only the pre-activation h (sret.model.HiddenRecomputed) needs,
  * from h and the gradient g of gelu(h), three things: gelu(h) again (for the next layer's weight
@@ -22,43 +23,41 @@
 #define BLOCK_ROWS 64 /* rows summed in float before the sum moves to a double accumulator */
 
 /* Element `at` onwards of an fp32 or (bf16 set) bf16 array, `valid` lanes. */
-static inline __attribute__((always_inline)) __m512 load(const void *p, long at, __mmask16 valid, int bf16) {
-    return bf16 ? load_bf16((const unsigned short *)p + at, valid) : _mm512_maskz_loadu_ps(valid, (const float *)p + at);
+static inline __attribute__((always_inline)) vec load(const void *p, long at, vmask valid, int bf16) {
+    return bf16 ? v_load_bf16((const unsigned short *)p + at, valid) : v_loadz(valid, (const float *)p + at);
 }
 
 /* Stores v there, and returns what was stored (v rounded to bf16 where the array is bf16). */
-static inline __attribute__((always_inline)) __m512 store(void *p, long at, __mmask16 valid, __m512 v, int bf16) {
+static inline __attribute__((always_inline)) vec store(void *p, long at, vmask valid, vec v, int bf16) {
     if (!bf16) {
-        _mm512_mask_storeu_ps((float *)p + at, valid, v);
+        v_storem((float *)p + at, valid, v);
         return v;
     }
-    store_bf16((unsigned short *)p + at, valid, v);
-    return load_bf16((const unsigned short *)p + at, valid);
+    v_store_bf16((unsigned short *)p + at, valid, v);
+    return v_load_bf16((const unsigned short *)p + at, valid);
 }
 
 /* grad * gelu'(x); also gelu(x) into *hidden. */
-static inline __attribute__((always_inline)) __m512 gelu_backward_ps(__m512 x, __m512 grad, __m512 *hidden) {
-    const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
-    __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
-    __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
-    __m512 t = _mm512_rcp14_ps(den);
-    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.f))); /* one Newton step */
-    __m512 poly = _mm512_set1_ps(1.061405429f);
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
-    poly = _mm512_mul_ps(poly, t);
+static inline __attribute__((always_inline)) vec gelu_backward_ps(vec x, vec grad, vec *hidden) {
+    const vec one = v_set1(1.f), half = v_set1(0.5f);
+    vec z = v_abs(v_mul(x, v_set1(0.70710678118654752f)));
+    vec den = v_fmadd(v_set1(0.3275911f), z, one);
+    vec t = v_rcp(den);
+    t = v_mul(t, v_fnmadd(den, t, v_set1(2.f))); /* one Newton step */
+    vec poly = v_set1(1.061405429f);
+    poly = v_fmadd(poly, t, v_set1(-1.453152027f));
+    poly = v_fmadd(poly, t, v_set1(1.421413741f));
+    poly = v_fmadd(poly, t, v_set1(-0.284496736f));
+    poly = v_fmadd(poly, t, v_set1(0.254829592f));
+    poly = v_mul(poly, t);
     /* e^(-x^2/2), shared by erf's approximation and the Gaussian density */
-    __m512 gauss = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f * LOG2E)));
-    __m512 erf_abs = _mm512_fnmadd_ps(poly, gauss, one);
+    vec gauss = exp2_ps(v_mul(v_mul(x, x), v_set1(-0.5f * LOG2E)));
     /* erf(x / sqrt 2): the sign of x onto erf(|x| / sqrt 2) */
-    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
-    __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
-    __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, erf));
-    *hidden = _mm512_mul_ps(x, cdf);
-    __m512 pdf = _mm512_mul_ps(gauss, _mm512_set1_ps(0.39894228040143268f)); /* 1/sqrt(2 pi) */
-    return _mm512_mul_ps(grad, _mm512_fmadd_ps(x, pdf, cdf));
+    vec erf = v_or_sign(v_fnmadd(poly, gauss, one), x);
+    vec cdf = v_mul(half, v_add(one, erf));
+    *hidden = v_mul(x, cdf);
+    vec pdf = v_mul(gauss, v_set1(0.39894228040143268f)); /* 1/sqrt(2 pi) */
+    return v_mul(grad, v_fmadd(x, pdf, cdf));
 }
 
 /* Rows [r0, r1): the gradient over grad, gelu into hidden (unless NULL), the gradient's column sums
@@ -68,12 +67,12 @@ static inline __attribute__((always_inline)) void gelu_backward_rows(const void 
                                                                      int bf16) {
     for (long r = r0; r < r1; r++) {
         long at = r * cols;
-        for (int c = 0; c < cols; c += 16) {
-            __mmask16 valid = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
-            __m512 gelu, g = gelu_backward_ps(load(x, at + c, valid, bf16), load(grad, at + c, valid, bf16), &gelu);
+        for (int c = 0; c < cols; c += VL) {
+            vmask valid = v_first(cols - c);
+            vec gelu, g = gelu_backward_ps(load(x, at + c, valid, bf16), load(grad, at + c, valid, bf16), &gelu);
             if (hidden) store(hidden, at + c, valid, gelu, bf16);
             g = store(grad, at + c, valid, g, bf16);
-            if (block) _mm512_storeu_ps(block + c, _mm512_add_ps(_mm512_loadu_ps(block + c), g));
+            if (block) v_store(block + c, v_add(v_load(block + c), g));
         }
     }
 }
@@ -94,7 +93,7 @@ static int gelu_backward(const void *x, void *grad, void *hidden, float *bias_gr
         int t = omp_get_thread_num(), count = omp_get_num_threads();
         long first = rows * t / count, end = rows * (t + 1) / count;
         float *block = 0;
-        if (bias_grad && !(block = calloc((size_t)cols + 16, sizeof(float)))) failed = 1;
+        if (bias_grad && !(block = calloc((size_t)cols + VL, sizeof(float)))) failed = 1;
         double *total = totals ? totals + (long)t * cols : 0;
         for (long r0 = first; r0 < end && !failed; r0 += BLOCK_ROWS) {
             long r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;

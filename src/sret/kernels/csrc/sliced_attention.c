@@ -1,6 +1,6 @@
 /*
  * Softmax attention for SReT's short token groups and narrow heads, forward and backward, in fp32
- * with AVX-512. Loaded by sret/native.py, which compiles it on first use.
+ * with AVX-512 or AVX2 (vector_math.h). Loaded by sret/native.py, which compiles it on first use.
  *
  * Why: torch's CPU flash-attention kernel works through small query blocks with one library GEMM call
  * per block; with 32-wide heads and groups of 49-392 tokens those calls and the per-block softmax
@@ -13,7 +13,7 @@
  * of n tokens); out holds rows of H*D. Scores are computed in base 2 (the keys are packed scaled by
  * scale * log2(e)), so the softmax takes 2^x. lse holds, per (group, head) pair, each query's
  * base-2 log-sum-exp of those scores, which the backward uses to recompute the probabilities instead
- * of storing them. Head widths up to 48 (three vectors).
+ * of storing them. Head widths up to 48 (three AVX-512 vectors, six AVX2 ones).
  *
  * Both directions also read and write bf16 tensors (under autocast): each (group, head) pair is
  * widened into an fp32 scratch block, attended (or differentiated) in fp32 as above and rounded back,
@@ -26,23 +26,28 @@
 
 #include "vector_math.h"
 
-#define ROWS 8 /* queries (or keys) per register block */
-#define MAX_VECTORS 3
+#define ROWS 8 /* queries (or keys) per block of scores */
+#define MAX_VECTORS (48 / VL) /* a row of q, k or v: up to 48 floats */
+#if VL == 16
+#define WROWS 8 /* rows per register block of weighted_rows: WROWS x MAX_VECTORS accumulators */
+#else
+#define WROWS 2
+#endif
 
-/* out[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < width (a multiple of 16). */
+/* out[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < width (a multiple of VL). */
 static inline __attribute__((always_inline)) void rows_times_packed(const float *a, long lda, int rows,
                                                                     const float *bt, int width, int depth,
                                                                     float *out) {
-    for (int j0 = 0; j0 < width; j0 += 16) {
-        __m512 acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < width; j0 += VL) {
+        vec acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = v_zero();
         for (int d = 0; d < depth; d++) {
-            __m512 b = _mm512_loadu_ps(bt + (long)d * width + j0);
+            vec b = v_load(bt + (long)d * width + j0);
             for (int r = 0; r < ROWS; r++)
-                if (r < rows) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + d]), b, acc[r]);
+                if (r < rows) acc[r] = v_fmadd(v_set1(a[r * lda + d]), b, acc[r]);
         }
         for (int r = 0; r < ROWS; r++)
-            if (r < rows) _mm512_storeu_ps(out + (long)r * width + j0, acc[r]);
+            if (r < rows) v_store(out + (long)r * width + j0, acc[r]);
     }
 }
 
@@ -50,31 +55,36 @@ static inline __attribute__((always_inline)) void rows_times_packed(const float 
  * and the rows of v and out are `vectors` vectors wide, the last one masked by `last`. */
 static inline __attribute__((always_inline)) void weighted_rows(int vectors, const float *w, long w_row,
                                                                 long w_col, int m, int rows, const float *v,
-                                                                long ldv, __mmask16 last, float *out,
+                                                                long ldv, vmask last, float *out,
                                                                 long ldo, const float *f, float scale) {
-    __m512 acc[ROWS][MAX_VECTORS];
-    for (int r = 0; r < ROWS; r++)
-        for (int t = 0; t < vectors; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int j = 0; j < m; j++) {
-        __m512 vj[MAX_VECTORS];
-        for (int t = 0; t < vectors; t++)
-            vj[t] = _mm512_maskz_loadu_ps(t == vectors - 1 ? last : 0xFFFF, v + (long)j * ldv + 16 * t);
-        for (int r = 0; r < ROWS; r++)
-            if (r < rows) {
-                __m512 wr = _mm512_set1_ps(w[r * w_row + (long)j * w_col]);
-                for (int t = 0; t < vectors; t++) acc[r][t] = _mm512_fmadd_ps(wr, vj[t], acc[r][t]);
+    vmask full = v_first(VL);
+    for (int r0 = 0; r0 < rows; r0 += WROWS) {
+        int block = rows - r0 < WROWS ? rows - r0 : WROWS;
+        vec acc[WROWS][MAX_VECTORS];
+        for (int r = 0; r < WROWS; r++)
+            for (int t = 0; t < vectors; t++) acc[r][t] = v_zero();
+        for (int j = 0; j < m; j++) {
+            vec vj[MAX_VECTORS];
+            for (int t = 0; t < vectors; t++)
+                vj[t] = v_loadz(t == vectors - 1 ? last : full, v + (long)j * ldv + VL * t);
+            for (int r = 0; r < WROWS; r++)
+                if (r < block) {
+                    vec wr = v_set1(w[(r0 + r) * w_row + (long)j * w_col]);
+                    for (int t = 0; t < vectors; t++) acc[r][t] = v_fmadd(wr, vj[t], acc[r][t]);
+                }
+        }
+        for (int r = 0; r < WROWS; r++)
+            if (r < block) {
+                vec s = v_set1(f ? f[r0 + r] * scale : scale);
+                for (int t = 0; t < vectors; t++)
+                    v_storem(out + (long)(r0 + r) * ldo + VL * t, t == vectors - 1 ? last : full,
+                             v_mul(acc[r][t], s));
             }
     }
-    for (int r = 0; r < ROWS; r++)
-        if (r < rows) {
-            __m512 s = _mm512_set1_ps(f ? f[r] * scale : scale);
-            for (int t = 0; t < vectors; t++)
-                _mm512_mask_storeu_ps(out + (long)r * ldo + 16 * t, t == vectors - 1 ? last : 0xFFFF,
-                                      _mm512_mul_ps(acc[r][t], s));
-        }
 }
 
 /* weighted_rows with the vector count a compile-time constant, so its accumulators are registers. */
+#if VL == 16
 #define WEIGHTED_ROWS(vectors, ...)        \
     do {                                   \
         if ((vectors) == 1)                \
@@ -84,6 +94,30 @@ static inline __attribute__((always_inline)) void weighted_rows(int vectors, con
         else                               \
             weighted_rows(3, __VA_ARGS__); \
     } while (0)
+#else
+#define WEIGHTED_ROWS(vectors, ...)        \
+    do {                                   \
+        switch (vectors) {                 \
+            case 1:                        \
+                weighted_rows(1, __VA_ARGS__); \
+                break;                     \
+            case 2:                        \
+                weighted_rows(2, __VA_ARGS__); \
+                break;                     \
+            case 3:                        \
+                weighted_rows(3, __VA_ARGS__); \
+                break;                     \
+            case 4:                        \
+                weighted_rows(4, __VA_ARGS__); \
+                break;                     \
+            case 5:                        \
+                weighted_rows(5, __VA_ARGS__); \
+                break;                     \
+            default:                       \
+                weighted_rows(6, __VA_ARGS__); \
+        }                                  \
+    } while (0)
+#endif
 
 /* xt[d][j] = scale * x[j][d], keys padded with zeros to `width`. */
 static void pack_transposed(const float *x, long ldx, int n, int width, int depth, float scale, float *xt) {
@@ -96,19 +130,21 @@ static void pack_transposed(const float *x, long ldx, int n, int width, int dept
 
 typedef struct {
     int n, width, depth, vectors;
-    __mmask16 last, tail; /* valid lanes of a row's last vector, of a score row's last vector */
+    vmask last, tail; /* valid lanes of a row's last vector, of a score row's last vector */
 } Shape;
 
 static Shape shape_of(int n, int depth) {
-    Shape s = {n, (n + 15) & ~15, depth, (depth + 15) / 16, 0, 0};
-    s.last = (__mmask16)((1u << (depth - 16 * (s.vectors - 1))) - 1);
-    s.tail = (n & 15) ? (__mmask16)((1u << (n & 15)) - 1) : (__mmask16)0xFFFF;
+    Shape s;
+    s.n = n, s.width = (n + VL - 1) / VL * VL, s.depth = depth, s.vectors = (depth + VL - 1) / VL;
+    s.last = v_first(depth - VL * (s.vectors - 1));
+    s.tail = v_first(n % VL ? n % VL : VL);
     return s;
 }
 
 /* One (group, head) pair. kt: depth x width scratch; s: ROWS x width scratch. */
 static void forward_pair(Shape sh, const float *q, const float *k, const float *v, long ld, float *o,
                          long ldo, float *lse, float scale, float *kt, float *s) {
+    vmask full = v_first(VL);
     pack_transposed(k, ld, sh.n, sh.width, sh.depth, scale * LOG2E, kt);
     for (int i0 = 0; i0 < sh.n; i0 += ROWS) {
         int rows = sh.n - i0 < ROWS ? sh.n - i0 : ROWS;
@@ -116,17 +152,17 @@ static void forward_pair(Shape sh, const float *q, const float *k, const float *
         rows_times_packed(q + (long)i0 * ld, ld, rows, kt, sh.width, sh.depth, s);
         for (int r = 0; r < rows; r++) {
             float *sr = s + (long)r * sh.width;
-            __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-            for (int j = 0; j < sh.width; j += 16)
-                m = _mm512_mask_max_ps(m, j + 16 > sh.n ? sh.tail : 0xFFFF, m, _mm512_loadu_ps(sr + j));
-            float mx = _mm512_reduce_max_ps(m);
-            for (int j = 0; j < sh.width; j += 16) {
-                __m512 e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), _mm512_set1_ps(mx)));
-                e = _mm512_maskz_mov_ps(j + 16 > sh.n ? sh.tail : 0xFFFF, e);
-                _mm512_storeu_ps(sr + j, e);
-                sum = _mm512_add_ps(sum, e);
+            vec m = v_set1(-INFINITY), sum = v_zero();
+            for (int j = 0; j < sh.width; j += VL)
+                m = v_select(j + VL > sh.n ? sh.tail : full, v_max(m, v_load(sr + j)), m);
+            float mx = v_reduce_max(m);
+            for (int j = 0; j < sh.width; j += VL) {
+                vec e = exp2_ps(v_sub(v_load(sr + j), v_set1(mx)));
+                e = v_maskz(j + VL > sh.n ? sh.tail : full, e);
+                v_store(sr + j, e);
+                sum = v_add(sum, e);
             }
-            float total = _mm512_reduce_add_ps(sum);
+            float total = v_reduce_add(sum);
             inv[r] = 1.f / total;
             if (lse) lse[i0 + r] = mx + log2f(total);
         }
@@ -142,6 +178,7 @@ static void backward_pair(Shape sh, const float *q, const float *k, const float 
     int n = sh.n, width = sh.width;
     float *kt = scratch, *vt = kt + (long)sh.depth * width, *p = vt + (long)sh.depth * width;
     float *ds = p + (long)n * width, *delta = ds + (long)n * width;
+    vmask full = v_first(VL);
     pack_transposed(k, ld, n, width, sh.depth, scale * LOG2E, kt);
     pack_transposed(v, ld, n, width, sh.depth, 1.f, vt);
     for (int i = 0; i < n; i++) { /* delta_i = dout_i . o_i = sum_j p_ij dp_ij */
@@ -155,13 +192,13 @@ static void backward_pair(Shape sh, const float *q, const float *k, const float 
         rows_times_packed(q + (long)i0 * ld, ld, rows, kt, width, sh.depth, pb);       /* scores */
         rows_times_packed(dout + (long)i0 * ldo, ldo, rows, vt, width, sh.depth, dsb); /* dp = dout v^T */
         for (int r = 0; r < rows; r++) {
-            __m512 l = _mm512_set1_ps(lse[i0 + r]), dl = _mm512_set1_ps(delta[i0 + r]);
-            for (int j = 0; j < width; j += 16) {
-                __m512 pj = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(pb + (long)r * width + j), l));
-                pj = _mm512_maskz_mov_ps(j + 16 > n ? sh.tail : 0xFFFF, pj);
-                _mm512_storeu_ps(pb + (long)r * width + j, pj);
-                __m512 g = _mm512_sub_ps(_mm512_loadu_ps(dsb + (long)r * width + j), dl);
-                _mm512_storeu_ps(dsb + (long)r * width + j, _mm512_mul_ps(pj, g)); /* d(scores) */
+            vec l = v_set1(lse[i0 + r]), dl = v_set1(delta[i0 + r]);
+            for (int j = 0; j < width; j += VL) {
+                vec pj = exp2_ps(v_sub(v_load(pb + (long)r * width + j), l));
+                pj = v_maskz(j + VL > n ? sh.tail : full, pj);
+                v_store(pb + (long)r * width + j, pj);
+                vec g = v_sub(v_load(dsb + (long)r * width + j), dl);
+                v_store(dsb + (long)r * width + j, v_mul(pj, g)); /* d(scores) */
             }
         }
         WEIGHTED_ROWS(sh.vectors, dsb, width, 1, n, rows, k, ld, sh.last, dq + (long)i0 * ld, ld, 0, scale);
@@ -190,10 +227,10 @@ static void widen_rows(const unsigned short *x, long ld, long part_ld, int parts
                        float *out) {
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < parts; t++)
-            for (int d = 0; d < depth; d += 16) {
-                __mmask16 lanes = depth - d >= 16 ? 0xFFFF : (__mmask16)((1u << (depth - d)) - 1);
-                __m512 v = load_bf16(x + r * ld + t * part_ld + d, lanes);
-                _mm512_mask_storeu_ps(out + ((long)r * parts + t) * depth + d, lanes, v);
+            for (int d = 0; d < depth; d += VL) {
+                vmask lanes = v_first(depth - d);
+                vec v = v_load_bf16(x + r * ld + t * part_ld + d, lanes);
+                v_storem(out + ((long)r * parts + t) * depth + d, lanes, v);
             }
 }
 
@@ -201,10 +238,10 @@ static void narrow_rows(const float *x, int rows, int parts, int depth, unsigned
                         long part_ld) {
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < parts; t++)
-            for (int d = 0; d < depth; d += 16) {
-                __mmask16 lanes = depth - d >= 16 ? 0xFFFF : (__mmask16)((1u << (depth - d)) - 1);
-                __m512 v = _mm512_maskz_loadu_ps(lanes, x + ((long)r * parts + t) * depth + d);
-                store_bf16(out + r * ld + t * part_ld + d, lanes, v);
+            for (int d = 0; d < depth; d += VL) {
+                vmask lanes = v_first(depth - d);
+                vec v = v_loadz(lanes, x + ((long)r * parts + t) * depth + d);
+                v_store_bf16(out + r * ld + t * part_ld + d, lanes, v);
             }
 }
 
