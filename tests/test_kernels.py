@@ -15,7 +15,7 @@ from sret.info import count_macs
 from sret.kernels import native, onednn
 from sret.model import ConvStem, FeedForward, SlicedAttention, SReT, SReTConfig, StageConfig, token_groups
 
-needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX-512 CPU or no C compiler here")
+needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX2 CPU or no C compiler here")
 
 
 def tiny_cfg(**kw) -> SReTConfig:
