@@ -58,6 +58,7 @@ def test_cli_bench_json_inference() -> None:
     assert doc["matmul_peak_gflops"] > 0 and doc["threads"] >= 1
     assert doc["sret_fused_kernels"] is onednn.ONEDNN_OPS  # eager fp32 CPU inference
     assert doc["sret_native_attention"] is (native.library() is not None)
+    assert doc["sret_native_isa"] == (native.isa() if doc["sret_native_attention"] else None)
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["sret_nano", "deit_tiny_patch16_224", "pit_ti_224"]
     for row in doc["rows"]:

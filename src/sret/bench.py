@@ -673,6 +673,7 @@ def run_benchmark(
         "threads": torch.get_num_threads(),
         "sret_fused_kernels": fused_kernels_apply(cfg),
         "sret_native_attention": native_attention_applies(cfg),
+        "sret_native_isa": native.isa() if native_attention_applies(cfg) else None,
         "config": asdict(cfg),
         "matmul_peak_gflops": peak,
         "train_mac_factor": mac_factor(cfg),
@@ -882,7 +883,8 @@ def print_report(result: dict[str, Any]) -> None:
     if result.get("sret_native_attention"):
         what = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
         storage = ", in fp32 on the bf16 tensors" if cfg["amp"] == "bf16" else ""
-        ran.append(f"{what} in its own C kernels{storage} (sret.kernels.native)")
+        build = f", built for {result['sret_native_isa']}" if result.get("sret_native_isa") else ""
+        ran.append(f"{what} in its own C kernels{storage} (sret.kernels.native{build})")
     if ran:
         notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:
