@@ -83,41 +83,20 @@ static inline __attribute__((always_inline)) void weighted_rows(int vectors, con
     }
 }
 
-/* weighted_rows with the vector count a compile-time constant, so its accumulators are registers. */
-#if VL == 16
-#define WEIGHTED_ROWS(vectors, ...)        \
-    do {                                   \
-        if ((vectors) == 1)                \
-            weighted_rows(1, __VA_ARGS__); \
-        else if ((vectors) == 2)           \
-            weighted_rows(2, __VA_ARGS__); \
-        else                               \
-            weighted_rows(3, __VA_ARGS__); \
+/* weighted_rows with the vector count a compile-time constant (1 to MAX_VECTORS), so its accumulators
+ * are registers; counts above MAX_VECTORS never occur, and AT_MOST keeps them in bounds. */
+#define AT_MOST(n) ((n) < MAX_VECTORS ? (n) : MAX_VECTORS)
+#define WEIGHTED_ROWS(vectors, ...)                          \
+    do {                                                     \
+        switch (vectors) {                                   \
+            case 1: weighted_rows(1, __VA_ARGS__); break;          \
+            case 2: weighted_rows(AT_MOST(2), __VA_ARGS__); break; \
+            case 3: weighted_rows(AT_MOST(3), __VA_ARGS__); break; \
+            case 4: weighted_rows(AT_MOST(4), __VA_ARGS__); break; \
+            case 5: weighted_rows(AT_MOST(5), __VA_ARGS__); break; \
+            default: weighted_rows(MAX_VECTORS, __VA_ARGS__);      \
+        }                                                    \
     } while (0)
-#else
-#define WEIGHTED_ROWS(vectors, ...)        \
-    do {                                   \
-        switch (vectors) {                 \
-            case 1:                        \
-                weighted_rows(1, __VA_ARGS__); \
-                break;                     \
-            case 2:                        \
-                weighted_rows(2, __VA_ARGS__); \
-                break;                     \
-            case 3:                        \
-                weighted_rows(3, __VA_ARGS__); \
-                break;                     \
-            case 4:                        \
-                weighted_rows(4, __VA_ARGS__); \
-                break;                     \
-            case 5:                        \
-                weighted_rows(5, __VA_ARGS__); \
-                break;                     \
-            default:                       \
-                weighted_rows(6, __VA_ARGS__); \
-        }                                  \
-    } while (0)
-#endif
 
 /* xt[d][j] = scale * x[j][d], keys padded with zeros to `width`. */
 static void pack_transposed(const float *x, long ldx, int n, int width, int depth, float scale, float *xt) {
