@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,22 +106,22 @@ def library() -> ctypes.CDLL | None:
             "native kernels off (%s); using torch's kernels (SRET_CACHE_DIR sets where they are built)", e
         )
         return None
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.sret_attention_forward.argtypes = [p, p, p, i, i, i, i, f, i]
-    lib.sret_attention_forward_bf16.argtypes = [p, p, p, i, i, i, i, f, i]
-    lib.sret_attention_backward.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
-    lib.sret_attention_backward_bf16.argtypes = [p, p, p, p, p, i, i, i, i, f, i]
-    lib.sret_gelu_backward.argtypes = [p, p, p, p, ctypes.c_long, i, i]
-    lib.sret_gelu_backward_bf16.argtypes = [p, p, p, p, ctypes.c_long, i, i]
-    kernels = (
-        lib.sret_attention_forward,
-        lib.sret_attention_forward_bf16,
-        lib.sret_attention_backward,
-        lib.sret_attention_backward_bf16,
-    )
-    for fn in (*kernels, lib.sret_gelu_backward, lib.sret_gelu_backward_bf16):
-        fn.restype = i
+    p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    signatures = {
+        "attention_forward": [p, p, p, i, i, i, i, f, i],
+        "attention_backward": [p, p, p, p, p, i, i, i, i, f, i],
+        "gelu_backward": [p, p, p, p, n, i, i],
+    }
+    for name, argtypes in signatures.items():
+        for storage in ("", "_bf16"):  # each kernel comes for fp32 and for bf16 tensors
+            fn = getattr(lib, f"sret_{name}{storage}")
+            fn.argtypes, fn.restype = argtypes, i
     return lib
+
+
+def _kernel(name: str, dtype: torch.dtype) -> Callable[..., int]:
+    """The library's kernel `name` for tensors of `dtype` (fp32, or bf16 computed in fp32)."""
+    return getattr(library(), f"sret_{name}_bf16" if dtype == torch.bfloat16 else f"sret_{name}")
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
@@ -149,8 +150,7 @@ def attention_forward(
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
     lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
-    lib = library()
-    kernel = lib.sret_attention_forward_bf16 if qkv.dtype == torch.bfloat16 else lib.sret_attention_forward
+    kernel = _kernel("attention_forward", qkv.dtype)
     status = kernel(
         qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
         batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
@@ -169,8 +169,7 @@ def attention_backward(
     grad = grad.to(qkv.dtype).contiguous()
     grad_qkv = torch.empty_like(qkv)
     batch, tokens, width = qkv.shape
-    lib = library()
-    kernel = lib.sret_attention_backward_bf16 if qkv.dtype == torch.bfloat16 else lib.sret_attention_backward
+    kernel = _kernel("attention_backward", qkv.dtype)
     status = kernel(
         qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
         batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
@@ -199,8 +198,7 @@ def gelu_backward(
     bf16 tensors are computed in fp32 and rounded back; the sums are fp32 either way."""
     hidden = torch.empty_like(h) if need_hidden else None
     bias = h.new_empty(h.shape[-1], dtype=torch.float32) if need_bias else None
-    lib = library()
-    kernel = lib.sret_gelu_backward_bf16 if h.dtype == torch.bfloat16 else lib.sret_gelu_backward
+    kernel = _kernel("gelu_backward", h.dtype)
     status = kernel(
         h.data_ptr(), grad.data_ptr(), hidden.data_ptr() if need_hidden else None,
         bias.data_ptr() if need_bias else None, h.numel() // h.shape[-1], h.shape[-1],
