@@ -288,6 +288,51 @@ def test_model_in_bf16_is_as_close_to_fp32_as_autocast_is() -> None:
 
 
 @needs_native
+def test_bf16_layer_norm_writes_bf16_with_torch_gradients() -> None:
+    """Under bf16 autocast the model's LayerNorms write bf16 (what the next product casts to anyway):
+    the value within one bf16 rounding of fp32 LayerNorm, the gradients torch's LayerNorm backward
+    gives for the same (bf16) incoming gradient, in fp32."""
+    torch.manual_seed(0)
+    norm = sret.model.LayerNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    ref = F.layer_norm(x, (48,), norm.weight, norm.bias, 1e-6)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, [x, norm.weight, norm.bias], grad)
+    refs = torch.autograd.grad(ref, [x, norm.weight, norm.bias], grad.float())
+    for a, b in zip(ours, refs, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # fp32 outside autocast: torch's LayerNorm itself
+        assert torch.equal(norm(x), F.layer_norm(x, (48,), norm.weight, norm.bias, 1e-6))
+
+
+@needs_native
+def test_amx_cpus_attend_long_bf16_groups_in_torch_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with AMX tiles, bf16 inference attends groups of AMX_FUSED_ATTENTION_TOKENS or more
+    in torch's fused kernel (same values to bf16 rounding); training, shorter groups and fp32 keep
+    SReT's kernel."""
+    monkeypatch.setattr(native, "amx", lambda: True)
+    torch.manual_seed(0)
+    n = kernels.AMX_FUSED_ATTENTION_TOKENS
+    qkv = torch.randn(2, 2 * n, 3 * 64).bfloat16()
+    assert kernels.tiles_attend(qkv, n) and not kernels.tiles_attend(qkv, n - 1)
+    assert not kernels.tiles_attend(qkv.float(), n)
+    assert not kernels.tiles_attend(qkv.clone().requires_grad_(), n)
+    with torch.no_grad():
+        ours = kernels.attend(qkv, 2, 2, 0.17)
+        kernel, _ = native.attention_forward(qkv, 2, 2, 0.17, False)
+    torch.testing.assert_close(ours.float(), kernel.float(), rtol=BF16_RTOL, atol=BF16_RTOL)
+    monkeypatch.setattr(native, "amx", lambda: False)
+    assert not kernels.tiles_attend(qkv, n)
+
+
+@needs_native
 def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
     """The bf16 kernels widen exactly, compute in fp32 and round as torch rounds (to nearest even, NaN
     kept): bit for bit the fp32 kernels on the widened inputs, then `.bfloat16()`, forward (with the
@@ -360,6 +405,19 @@ def test_attention_operators_pass_torch_opcheck() -> None:
         torch.library.opcheck(
             torch.ops.sret.sliced_attention_backward, args, test_utils=("test_schema", "test_faketensor")
         )
+
+
+@needs_native
+def test_bf16_pass_operators_pass_torch_opcheck() -> None:
+    x = torch.randn(2, 5, 24)
+    for args in ((x, r(24), r(24), 1e-6, True), (x, r(24), r(24), 1e-6, False)):
+        torch.library.opcheck(
+            torch.ops.sret.layer_norm_bf16, args, test_utils=("test_schema", "test_faketensor")
+        )
+    args = (x, torch.randn_like(x).bfloat16(), r(1))
+    torch.library.opcheck(
+        torch.ops.sret.scaled_residual_bf16, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @needs_native

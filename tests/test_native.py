@@ -1,4 +1,5 @@
-"""SReT's C kernels: the results and gradients of torch's attention and GELU, and a clean fallback."""
+"""SReT's C kernels: the results and gradients of torch's attention, GELU and (bf16) LayerNorm and
+residual, and a clean fallback."""
 
 from __future__ import annotations
 
@@ -170,6 +171,36 @@ def test_gelu_backward_in_bf16_rounds_the_fp32_result(shape: tuple[int, ...]) ->
     ref_grad = torch.ops.aten.gelu_backward(grad.float(), h.float())
     torch.testing.assert_close(grad_h.float(), ref_grad, **one_rounding)
     torch.testing.assert_close(bias, grad_h.float().reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (1, 1, 256)])
+def test_layer_norm_into_bf16_rounds_torch_fp32_layer_norm(shape: tuple[int, ...]) -> None:
+    """bf16 autocast's LayerNorm: fp32 in, computed in fp32, rounded to bf16 once (within one bf16
+    rounding of torch's fp32 LayerNorm), with the row statistics torch's LayerNorm backward takes."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(shape) * 3 + 1, torch.randn(shape[-1]), torch.randn(shape[-1])
+    assert native.bf16_passes_apply(x) and not native.bf16_passes_apply(x.bfloat16())
+    y, mean, rstd = native.layer_norm_bf16(x, weight, bias, 1e-6, True)
+    ref, ref_mean, ref_rstd = torch.ops.aten.native_layer_norm(x, [shape[-1]], weight, bias, 1e-6)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rstd, ref_rstd, rtol=1e-5, atol=1e-6)
+    assert native.layer_norm_bf16(x, weight, bias, 1e-6, False)[1:] == (None, None)
+    x[0, 0, 0] = float("nan")  # a NaN spoils its own row only
+    y, _, _ = native.layer_norm_bf16(x, weight, bias, 1e-6, False)
+    assert y[0, 0].isnan().all() and not y.flatten(0, -2)[1:].isnan().any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (5,)])
+def test_scaled_residual_of_a_bf16_branch_matches_addcmul(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x, branch = torch.randn(shape), torch.randn(shape).bfloat16()
+    assert native.bf16_passes_apply(x, branch) and not native.bf16_passes_apply(x, branch.float())
+    out = native.scaled_residual_bf16(x, branch, 0.7)
+    torch.testing.assert_close(out, torch.addcmul(branch, x, torch.tensor([0.7])), rtol=1e-6, atol=1e-6)
 
 
 def test_kernel_is_skipped_where_it_does_not_apply() -> None:

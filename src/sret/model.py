@@ -477,6 +477,16 @@ def residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
     return skip * x + branch
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over channels, for the norms whose output goes straight into a product: under bf16
+    autocast the fast path writes it in bf16, the dtype that product takes (:func:`kernels.layer_norm`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.active(x):
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class FeedForward(nn.Module):
     """Linear -> GELU -> dropout -> Linear -> dropout."""
 
@@ -510,9 +520,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = SlicedAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.attn_skip, self.attn_gain = coefficient(coefficients), coefficient(coefficients)
@@ -528,7 +538,7 @@ class NonLinearProjection(nn.Module):
 
     def __init__(self, dim: int, ratio: float, coefficients: bool = True, drop: float = 0.0) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, int(dim * ratio), drop)
         self.skip, self.gain = coefficient(coefficients), coefficient(coefficients)
 

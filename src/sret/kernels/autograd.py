@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sret.kernels import ops  # noqa: F401  (defines torch.ops.sret)
+from sret.kernels import native, ops  # noqa: F401  (ops defines torch.ops.sret)
 
 sret_ops = torch.ops.sret
 
@@ -96,6 +96,8 @@ class ScaledResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
+        if native.bf16_passes_apply(x, branch):  # a bf16 branch under autocast: one pass, not a promotion
+            return sret_ops.scaled_residual_bf16(x, branch, skip)
         return torch.addcmul(branch, x, skip)
 
     @staticmethod
@@ -132,3 +134,29 @@ class TokenPermutation(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         with torch.no_grad():
             return grad.index_select(1, inverse), None, None
+
+
+class LayerNormBF16(torch.autograd.Function):
+    """LayerNorm of the fp32 residual stream written in bf16 (:func:`sret.kernels.ops.layer_norm_bf16`);
+    the backward is torch's LayerNorm backward, from the row statistics the forward kept."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return sret_ops.layer_norm_bf16(x, weight, bias, eps, True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, bias, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        needed = list(ctx.needs_input_grad[:3])
+        with torch.no_grad():
+            grads = torch.ops.aten.native_layer_norm_backward(
+                grad.float(), x, [x.shape[-1]], mean, rstd, weight, bias, needed
+            )
+        return (*_none_if_unneeded(grads, tuple(needed)), None)

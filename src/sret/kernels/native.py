@@ -1,4 +1,5 @@
-"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention and an MLP's GELU backward.
+"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention, an MLP's GELU backward, and
+LayerNorm and the residual under bf16 autocast.
 
 SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads. There torch's
 fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
@@ -6,6 +7,9 @@ pays full passes for the head split and merge copies. The C kernel attends one (
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
 forward and backward (`benchmarks/README.md`).
+
+Under bf16 autocast, `csrc/norm.c` writes a LayerNorm's bf16 output from the fp32 residual stream in
+one pass (torch: LayerNorm, then a cast) and adds a bf16 branch to that stream in one pass.
 
 The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
 through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three, in fp32 or,
@@ -36,7 +40,9 @@ from torch import Tensor
 
 _logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c"))
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c", "norm.c")
+)
 HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 # The instruction set the kernels are built for (csrc/vector_math.h), per torch's CPU capability.
@@ -62,6 +68,25 @@ def isa() -> str | None:
     if capability.startswith("AVX512"):
         return "AVX512"
     return "AVX2" if capability == "AVX2" else None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (which lists a feature only where the
+    kernel enables it); empty elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
+    return frozenset(flags.split())
+
+
+def amx() -> bool:
+    """Whether this CPU multiplies bf16 matrices in AMX tiles (flags `amx_tile` and `amx_bf16`) with torch
+    running at AVX-512: there torch's and oneDNN's bf16 GEMMs run several times faster than vector
+    dot products, which SReT's C kernels use."""
+    return isa() == "AVX512" and {"amx_tile", "amx_bf16"} <= cpu_flags()
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
@@ -116,6 +141,13 @@ def library() -> ctypes.CDLL | None:
         for storage in ("", "_bf16"):  # each kernel comes for fp32 and for bf16 tensors
             fn = getattr(lib, f"sret_{name}{storage}")
             fn.argtypes, fn.restype = argtypes, i
+    bf16_only = {  # fp32 in, bf16 in or out: the passes between a bf16 block's products
+        "layer_norm_bf16": [p, p, p, p, p, p, n, i, f, i],
+        "scaled_residual_bf16": [p, p, f, p, n, i],
+    }
+    for name, argtypes in bf16_only.items():
+        fn = getattr(lib, f"sret_{name}")
+        fn.argtypes, fn.restype = argtypes, i
     return lib
 
 
@@ -207,3 +239,43 @@ def gelu_backward(
     if status:
         raise MemoryError("native GELU backward could not allocate its buffers")
     return hidden, grad, bias
+
+
+def layer_norm_bf16(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`F.layer_norm(x, (C,), weight, bias, eps)` of a contiguous fp32 `x` (fp32 weight and bias of C),
+    computed in fp32 and written in bf16; with `keep_stats`, also each row's mean and reciprocal
+    standard deviation (fp32, shaped `x.shape[:-1] + (1,)`, as torch's LayerNorm backward takes them)."""
+    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    y = torch.empty_like(x, dtype=torch.bfloat16)
+    mean = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
+    rstd = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
+    library().sret_layer_norm_bf16(
+        x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(),
+        mean.data_ptr() if keep_stats else None, rstd.data_ptr() if keep_stats else None,
+        rows, cols, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: float) -> Tensor:
+    """`skip * x + branch` in fp32, of a contiguous fp32 `x` and a bf16 `branch` of its shape."""
+    out = torch.empty_like(x)
+    library().sret_scaled_residual_bf16(
+        x.data_ptr(), branch.data_ptr(), skip, out.data_ptr(), x.numel(), torch.get_num_threads()
+    )
+    return out
+
+
+def bf16_passes_apply(x: Tensor, other: Tensor | None = None) -> bool:
+    """Whether :func:`layer_norm_bf16` (`other`: None) or :func:`scaled_residual_bf16` (`other`: the bf16
+    branch) run on these tensors: contiguous fp32 `x` on the CPU, `other` bf16 of its shape."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and (other is None or other.dtype == torch.bfloat16)
+        and (other is None or (other.shape == x.shape and other.is_contiguous()))
+        and library() is not None
+    )

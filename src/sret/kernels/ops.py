@@ -34,6 +34,9 @@ for _schema in (
     "sliced_attention_backward(Tensor grad, Tensor qkv, Tensor out, Tensor lse, int groups, int heads,"
     " float scale) -> Tensor",
     "conv_bn_relu(Tensor x, Tensor[] weights, Tensor[] biases, int stride, int padding) -> Tensor",
+    "layer_norm_bf16(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats)"
+    " -> (Tensor, Tensor, Tensor)",
+    "scaled_residual_bf16(Tensor x, Tensor branch, Tensor skip) -> Tensor",
 ):
     _name, _, _signature = _schema.partition("(")
     torch.library.define(f"sret::{_name}", f"({_signature}")
@@ -251,3 +254,31 @@ def _conv_bn_relu_flops(x_shape, w_shapes, b_shapes, stride, padding, **kwargs) 
         width = _conv_out(width, w_shape[-1], stride, padding)
         flops += 2 * x_shape[0] * height * width * math.prod(w_shape)
     return flops
+
+
+# ---- bf16 autocast: LayerNorm into bf16, and the residual of a bf16 branch ---------------------------
+@torch.library.impl("sret::layer_norm_bf16", "CPU")
+def layer_norm_bf16(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dim of fp32 `x`, written in bf16, in SReT's C kernel (check
+    `native.bf16_passes_apply` first); then each row's mean and reciprocal standard deviation, or empty."""
+    y, mean, rstd = native.layer_norm_bf16(x, weight, bias, eps, keep_stats)
+    return y, mean if keep_stats else _empty(x), rstd if keep_stats else _empty(x)
+
+
+@torch.library.register_fake("sret::layer_norm_bf16")
+def _layer_norm_bf16_fake(x, weight, bias, eps, keep_stats) -> tuple[Tensor, Tensor, Tensor]:
+    stats = x.new_empty(*x.shape[:-1], 1) if keep_stats else _empty(x)
+    return torch.empty_like(x, dtype=torch.bfloat16), stats, torch.empty_like(stats)
+
+
+@torch.library.impl("sret::scaled_residual_bf16", "CPU")
+def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
+    """`skip * x + branch` of fp32 `x` and a bf16 `branch`, in fp32, in one pass of SReT's C kernel."""
+    return native.scaled_residual_bf16(x, branch, float(skip))
+
+
+@torch.library.register_fake("sret::scaled_residual_bf16")
+def _scaled_residual_bf16_fake(x, branch, skip) -> Tensor:
+    return torch.empty_like(x)
