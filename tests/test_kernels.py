@@ -313,30 +313,11 @@ def test_bf16_layer_norm_writes_bf16_with_torch_gradients() -> None:
 
 
 @needs_native
-def test_amx_cpus_attend_long_bf16_groups_in_torch_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU with AMX tiles, bf16 inference attends groups of AMX_FUSED_ATTENTION_TOKENS or more
-    in torch's fused kernel (same values to bf16 rounding); training, shorter groups and fp32 keep
-    SReT's kernel."""
-    monkeypatch.setattr(native, "amx", lambda: True)
-    torch.manual_seed(0)
-    n = kernels.AMX_FUSED_ATTENTION_TOKENS
-    qkv = torch.randn(2, 2 * n, 3 * 64).bfloat16()
-    assert kernels.tiles_attend(qkv, n) and not kernels.tiles_attend(qkv, n - 1)
-    assert not kernels.tiles_attend(qkv.float(), n)
-    assert not kernels.tiles_attend(qkv.clone().requires_grad_(), n)
-    with torch.no_grad():
-        ours = kernels.attend(qkv, 2, 2, 0.17)
-        kernel, _ = native.attention_forward(qkv, 2, 2, 0.17, False)
-    torch.testing.assert_close(ours.float(), kernel.float(), rtol=BF16_RTOL, atol=BF16_RTOL)
-    monkeypatch.setattr(native, "amx", lambda: False)
-    assert not kernels.tiles_attend(qkv, n)
-
-
-@needs_native
-def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
-    """The bf16 kernels widen exactly, compute in fp32 and round as torch rounds (to nearest even, NaN
-    kept): bit for bit the fp32 kernels on the widened inputs, then `.bfloat16()`, forward (with the
-    same log-sum-exp) and backward."""
+def test_bf16_attention_kernel_is_the_fp32_kernel_rounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 vector kernels widen exactly, compute in fp32 and round as torch rounds (to nearest
+    even, NaN kept): bit for bit the fp32 kernels on the widened inputs, then `.bfloat16()`, forward
+    (with the same log-sum-exp) and backward. (On AMX CPUs the forward runs in tiles instead: below.)"""
+    monkeypatch.setattr(native, "amx_attention", lambda: False)
     torch.manual_seed(0)
     for batch, groups, n, heads, depth in [(2, 4, 49, 2, 32), (1, 3, 10, 1, 40), (2, 1, 196, 4, 48)]:
         qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
@@ -353,6 +334,33 @@ def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
     qkv[0, 3, 0] = float("nan")  # a NaN query attends to NaN; the other queries stay finite
     out, _ = native.attention_forward(qkv, 1, 1, 0.2, False)
     assert out[0, 3].isnan().all() and not out[0, [0, 1, 2, 4, 5, 6, 7]].isnan().any()
+
+
+@pytest.mark.skipif(not native.amx_attention(), reason="needs a CPU with AMX tiles")
+def test_amx_attention_forward_is_within_bf16_rounding_of_the_fp32_kernel() -> None:
+    """The tile kernel multiplies the bf16 values exactly (fp32 accumulation) and rounds each
+    probability to bf16 before the value product, then the output once: within 2^-8 of the largest
+    value (two bf16 roundings) of the fp32 kernel on the same values, with the same log-sum-exp to
+    fp32 summation order. NaN stays confined to its query, as in the vector kernels."""
+    torch.manual_seed(0)
+    for batch, groups, n, heads, depth in [
+        (2, 8, 98, 2, 32),
+        (1, 3, 10, 1, 40),
+        (2, 1, 196, 4, 48),
+        (1, 1, 1, 1, 32),
+    ]:
+        qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
+        out, lse = native.attention_forward(qkv, groups, heads, depth**-0.5, True)
+        ref, ref_lse = native.attention_forward(qkv.float(), groups, heads, depth**-0.5, True)
+        bound = 2**-8 * float(qkv.float().abs().max())
+        torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=bound)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            assert torch.equal(native.attention_forward(qkv, groups, heads, depth**-0.5, False)[0], out)
+    qkv = torch.randn(1, 20, 3 * 32).bfloat16()
+    qkv[0, 3, 0] = float("nan")
+    out, _ = native.attention_forward(qkv, 1, 1, 0.2, False)
+    assert out[0, 3].isnan().all() and not out[0, [i for i in range(20) if i != 3]].isnan().any()
 
 
 # ---- the operators, as tools see them -----------------------------------------------------------------

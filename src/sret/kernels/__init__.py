@@ -13,9 +13,8 @@ What the entry points do differently:
   (:mod:`sret.kernels.native`; x86 with AVX-512 or AVX2, else torch's kernels run);
 - under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
   oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
-  are cast, and attention in the C kernel, in fp32 on the bf16 values, which outruns torch's bf16
-  kernel (on CPUs with AMX tiles, inference attends groups of 128 tokens or more in torch's, whose
-  products run in the tiles: :func:`tiles_attend`);
+  are cast, and attention in the C kernel: its forward in AMX tiles where the CPU has them, else
+  (and its backward) in fp32 on the bf16 values; either outruns torch's bf16 kernel at SReT's shapes;
 - under bf16 autocast, LayerNorm written straight in bf16 from the fp32 residual stream, and a bf16
   branch added to that stream in one pass (:mod:`sret.kernels.native`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
@@ -170,20 +169,6 @@ def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:
 # Longest sequence attended by plain matrix products instead of torch's fused CPU kernel, where
 # SReT's own kernel does not run.
 UNFUSED_ATTENTION_TOKENS = 64
-# Shortest group attended by torch's fused kernel instead of SReT's own in bf16 inference on a CPU
-# with AMX tiles: there torch computes the two products of each 32-query block in the tiles, which
-# outruns SReT's fp32 vector products once a group spans several blocks (its backward does not).
-AMX_FUSED_ATTENTION_TOKENS = 128
-
-
-def tiles_attend(qkv: Tensor, tokens: int) -> bool:
-    """Whether groups of `tokens` of this qkv go to torch's AMX path rather than SReT's C kernel."""
-    return (
-        qkv.dtype == torch.bfloat16
-        and tokens >= AMX_FUSED_ATTENTION_TOKENS
-        and not _autograd(qkv)
-        and native.amx()
-    )
 
 
 def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor | None = None) -> Tensor:
@@ -191,8 +176,7 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
     Returns (B, groups * n, C), in the dtype of `qkv`. Runs SReT's C kernel where it applies (unmasked;
-    in fp32 whatever the dtype of `qkv`; long groups in bf16 inference on AMX excepted, see
-    :func:`tiles_attend`); else heads are split
+    fp32 products, or for bf16 on a CPU with AMX tiles, tile products); else heads are split
     and short sequences attend by two matrix products and a softmax, longer or masked ones in
     `F.scaled_dot_product_attention`. torch's CPU flash-attention kernel works through 32-query blocks
     one small GEMM at a time, slower than the unfused products on 49-token groups with 32-wide heads;
@@ -201,7 +185,7 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
     """
     B, N, width = qkv.shape
     n, dim = N // groups, width // 3
-    if key_mask is None and native.applies(qkv, n, dim // heads) and not tiles_attend(qkv, n):
+    if key_mask is None and native.applies(qkv, n, dim // heads):
         if _autograd(qkv):
             return SlicedAttention.apply(qkv, groups, heads, scale)[0]
         return sret_ops.sliced_attention(qkv, groups, heads, scale, False)[0]

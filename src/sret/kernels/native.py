@@ -41,7 +41,8 @@ from torch import Tensor
 _logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c", "norm.c")
+    Path(__file__).with_name("csrc") / name
+    for name in ("sliced_attention.c", "attention_amx.c", "gelu.c", "norm.c")
 )
 HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -50,6 +51,8 @@ ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"),
     "AVX2": ("-mavx2", "-mfma"),
 }
+# Where the CPU has AMX tiles (:func:`amx`), also the tile kernel of bf16 attention's forward.
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-DSRET_AMX")
 MAX_HEAD_DIM = 48  # three AVX-512 (six AVX2) vectors per row: the kernel's register blocking
 MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
 
@@ -85,8 +88,9 @@ def cpu_flags() -> frozenset[str]:
 def amx() -> bool:
     """Whether this CPU multiplies bf16 matrices in AMX tiles (flags `amx_tile` and `amx_bf16`) with torch
     running at AVX-512: there torch's and oneDNN's bf16 GEMMs run several times faster than vector
-    dot products, which SReT's C kernels use."""
-    return isa() == "AVX512" and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    dot products. `SRET_AMX=0` makes SReT treat the CPU as one without them."""
+    enabled = os.environ.get("SRET_AMX", "1") != "0"
+    return enabled and isa() == "AVX512" and {"amx_tile", "amx_bf16"} <= cpu_flags()
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
@@ -119,7 +123,7 @@ def library() -> ctypes.CDLL | None:
         _logger.warning("native kernels off: no C compiler (set CC); using torch's kernels")
         return None
     code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    flags = (*FLAGS, *ISA_FLAGS[isa()])
+    flags = (*FLAGS, *ISA_FLAGS[isa()], *(AMX_FLAGS if amx() else ()))
     key = hashlib.sha256(code + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
@@ -145,10 +149,26 @@ def library() -> ctypes.CDLL | None:
         "layer_norm_bf16": [p, p, p, p, p, p, n, i, f, i],
         "scaled_residual_bf16": [p, p, f, p, n, i],
     }
+    if amx():
+        bf16_only["attention_forward_amx"] = signatures["attention_forward"]
+        lib.sret_amx_request.restype = i
     for name, argtypes in bf16_only.items():
         fn = getattr(lib, f"sret_{name}")
         fn.argtypes, fn.restype = argtypes, i
     return lib
+
+
+@functools.cache
+def amx_attention() -> bool:
+    """Whether bf16 attention's forward runs in the AMX tile kernel (`csrc/attention_amx.c`): a CPU with
+    AMX (:func:`amx`) whose kernel grants the process the tile registers."""
+    lib = library()
+    if lib is None or not amx():
+        return False
+    if lib.sret_amx_request():
+        _logger.warning("AMX tiles not granted by the OS; bf16 attention runs in fp32 vector code")
+        return False
+    return True
 
 
 def _kernel(name: str, dtype: torch.dtype) -> Callable[..., int]:
@@ -182,7 +202,8 @@ def attention_forward(
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
     lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
-    kernel = _kernel("attention_forward", qkv.dtype)
+    amx_kernel = qkv.dtype == torch.bfloat16 and dim // heads % 2 == 0 and amx_attention()
+    kernel = library().sret_attention_forward_amx if amx_kernel else _kernel("attention_forward", qkv.dtype)
     status = kernel(
         qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
         batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
