@@ -363,6 +363,29 @@ def test_amx_attention_forward_is_within_bf16_rounding_of_the_fp32_kernel() -> N
     assert out[0, 3].isnan().all() and not out[0, [i for i in range(20) if i != 3]].isnan().any()
 
 
+@pytest.mark.skipif(not native.amx_attention(), reason="needs a CPU with AMX tiles")
+def test_amx_attention_backward_is_within_bf16_rounding_of_the_fp32_kernel() -> None:
+    """The tile backward rounds P and dS to bf16 for its products, and the gradient once: within
+    2^-7 of the largest gradient (three bf16 roundings, 2^-9 each, with fp32 accumulation) of the
+    fp32 kernel's gradient from the same values, output and log-sum-exp."""
+    torch.manual_seed(0)
+    for batch, groups, n, heads, depth in [
+        (2, 8, 98, 2, 32),
+        (1, 3, 10, 1, 40),
+        (2, 1, 196, 4, 48),
+        (1, 1, 33, 1, 16),
+    ]:
+        qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
+        out, lse = native.attention_forward(qkv, groups, heads, depth**-0.5, True)
+        grad = torch.randn_like(out)
+        ours = native.attention_backward(grad, qkv, out, lse, groups, heads, depth**-0.5)
+        ref = native.attention_backward(
+            grad.float(), qkv.float(), out.float(), lse, groups, heads, depth**-0.5
+        )
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), ref, rtol=2**-7, atol=2**-7 * float(ref.abs().max()))
+
+
 # ---- the operators, as tools see them -----------------------------------------------------------------
 def test_kernels_step_aside_for_fp16_autocast_and_compilers(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 autocast runs the kernels in bf16 where oneDNN has bf16 kernels, else the plain modules."""

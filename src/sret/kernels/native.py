@@ -6,7 +6,8 @@ fused CPU kernel spends more time around its small GEMM calls than in them, and 
 pays full passes for the head split and merge copies. The C kernel attends one (group, head) pair at
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
-forward and backward (`benchmarks/README.md`).
+forward and backward (`benchmarks/README.md`). On CPUs with AMX tiles, bf16 attention runs in
+`csrc/attention_amx.c` instead, its products in the tiles (`SRET_AMX=0` keeps the vector kernels).
 
 Under bf16 autocast, `csrc/norm.c` writes a LayerNorm's bf16 output from the fp32 residual stream in
 one pass (torch: LayerNorm, then a cast) and adds a bf16 branch to that stream in one pass.
@@ -51,7 +52,7 @@ ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"),
     "AVX2": ("-mavx2", "-mfma"),
 }
-# Where the CPU has AMX tiles (:func:`amx`), also the tile kernel of bf16 attention's forward.
+# Where the CPU has AMX tiles (:func:`amx`), also the tile kernels of bf16 attention.
 AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-DSRET_AMX")
 MAX_HEAD_DIM = 48  # three AVX-512 (six AVX2) vectors per row: the kernel's register blocking
 MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
@@ -151,6 +152,7 @@ def library() -> ctypes.CDLL | None:
     }
     if amx():
         bf16_only["attention_forward_amx"] = signatures["attention_forward"]
+        bf16_only["attention_backward_amx"] = signatures["attention_backward"]
         lib.sret_amx_request.restype = i
     for name, argtypes in bf16_only.items():
         fn = getattr(lib, f"sret_{name}")
@@ -160,8 +162,8 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def amx_attention() -> bool:
-    """Whether bf16 attention's forward runs in the AMX tile kernel (`csrc/attention_amx.c`): a CPU with
-    AMX (:func:`amx`) whose kernel grants the process the tile registers."""
+    """Whether bf16 attention runs in the AMX tile kernels (`csrc/attention_amx.c`), forward and
+    backward: a CPU with AMX (:func:`amx`) whose kernel grants the process the tile registers."""
     lib = library()
     if lib is None or not amx():
         return False
@@ -174,6 +176,12 @@ def amx_attention() -> bool:
 def _kernel(name: str, dtype: torch.dtype) -> Callable[..., int]:
     """The library's kernel `name` for tensors of `dtype` (fp32, or bf16 computed in fp32)."""
     return getattr(library(), f"sret_{name}_bf16" if dtype == torch.bfloat16 else f"sret_{name}")
+
+
+def _tiles(qkv: Tensor, head_dim: int) -> bool:
+    """Whether this attention runs in the AMX tile kernels: bf16, heads of an even width (the tiles
+    take channels in pairs), on a CPU that has them."""
+    return qkv.dtype == torch.bfloat16 and head_dim % 2 == 0 and amx_attention()
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
@@ -202,8 +210,9 @@ def attention_forward(
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
     lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
-    amx_kernel = qkv.dtype == torch.bfloat16 and dim // heads % 2 == 0 and amx_attention()
-    kernel = library().sret_attention_forward_amx if amx_kernel else _kernel("attention_forward", qkv.dtype)
+    kernel = _kernel("attention_forward", qkv.dtype)
+    if _tiles(qkv, dim // heads):
+        kernel = library().sret_attention_forward_amx
     status = kernel(
         qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
         batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
@@ -218,11 +227,13 @@ def attention_backward(
 ) -> Tensor:
     """The gradient of :func:`attention_forward`'s output with respect to `qkv`, from the output and
     log-sum-exp it kept (the scores are recomputed, never stored). A bf16 `qkv` (with its bf16 output)
-    gives a bf16 gradient, computed in fp32."""
+    gives a bf16 gradient, computed in fp32 (or with the products in AMX tiles, as the forward)."""
     grad = grad.to(qkv.dtype).contiguous()
     grad_qkv = torch.empty_like(qkv)
     batch, tokens, width = qkv.shape
     kernel = _kernel("attention_backward", qkv.dtype)
+    if _tiles(qkv, width // 3 // heads):
+        kernel = library().sret_attention_backward_amx
     status = kernel(
         qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
         batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
