@@ -53,7 +53,7 @@ ISA_FLAGS = {
     "AVX2": ("-mavx2", "-mfma"),
 }
 # Where the CPU has AMX tiles (:func:`amx`), also the tile kernels of bf16 attention.
-AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-DSRET_AMX")
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-DSRET_AMX")
 MAX_HEAD_DIM = 48  # three AVX-512 (six AVX2) vectors per row: the kernel's register blocking
 MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
 
@@ -87,11 +87,12 @@ def cpu_flags() -> frozenset[str]:
 
 
 def amx() -> bool:
-    """Whether this CPU multiplies bf16 matrices in AMX tiles (flags `amx_tile` and `amx_bf16`) with torch
+    """Whether this CPU multiplies bf16 matrices in AMX tiles (flags `amx_tile`, `amx_bf16`, and
+    `avx512_bf16` for the conversions around them) with torch
     running at AVX-512: there torch's and oneDNN's bf16 GEMMs run several times faster than vector
     dot products. `SRET_AMX=0` makes SReT treat the CPU as one without them."""
     enabled = os.environ.get("SRET_AMX", "1") != "0"
-    return enabled and isa() == "AVX512" and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    return enabled and isa() == "AVX512" and {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags()
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:

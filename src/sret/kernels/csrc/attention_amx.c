@@ -62,6 +62,10 @@ static void configure_tiles(void) {
 /* Asks Linux for the AMX register state (once per process; oneDNN asks for it as well). 0 if granted. */
 int sret_amx_request(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
 
+/* 16 floats as bf16, to nearest even (AVX512-BF16: one instruction; values below 2^-126, negligible
+ * for probabilities and score gradients, become zero). The outputs go through v_store_bf16. */
+static inline void store16_bf16(bf16 *x, vec v) { _mm256_storeu_si256((__m256i *)x, (__m256i)_mm512_cvtneps_pbh(v)); }
+
 static int round_up(int x, int to) { return (x + to - 1) / to * to; }
 
 typedef struct {
@@ -157,7 +161,19 @@ static void pack_pair(Dims d, const bf16 *q, const bf16 *k, const bf16 *v, long 
     pack_token_pairs(v, ld, d.n, d.depth, d.nk2 / DEPTH, d.ct, vp);
 }
 
-/* One (group, head) pair. s: 16 x nk fp32; p: 16 x nk2 bf16; o: 16 x 16 ct fp32. */
+/* Accumulator tile T = q (tiles 4, and 5 for a second depth chunk) times k's block B, loaded into tile L. */
+#define SCORES(T, B, L)                                                                    \
+    do {                                                                                   \
+        _tile_zero(T);                                                                     \
+        _tile_loadd(L, kp + (long)(B) * TILE * DEPTH, DEPTH * (int)sizeof(bf16));           \
+        _tile_dpbf16ps(T, 4, L);                                                           \
+        if (chunks > 1) {                                                                  \
+            _tile_loadd(L, kp + (long)(blocks + (B)) * TILE * DEPTH, DEPTH * (int)sizeof(bf16)); \
+            _tile_dpbf16ps(T, 5, L);                                                       \
+        }                                                                                  \
+    } while (0)
+
+/* One (group, head) pair. s: 16 x nk fp32; p: 16 x nk2 bf16; o: 2 x 16 x 16 ct fp32. */
 static void forward_pair(Dims d, const bf16 *qp, const bf16 *kp, const bf16 *vp, bf16 *out, long ldo,
                          float *lse, float scale, float *s, bf16 *p, float *o) {
     const float c = scale * LOG2E;
@@ -166,17 +182,19 @@ static void forward_pair(Dims d, const bf16 *qp, const bf16 *kp, const bf16 *vp,
     for (int i0 = 0; i0 < d.n; i0 += TILE) {
         int rows = d.n - i0 < TILE ? d.n - i0 : TILE;
         float inv[TILE];
-        for (int b = 0; b < blocks; b++) { /* scores, 16 keys at a time */
-            _tile_zero(0);
-            _tile_loadd(1, qp + (long)i0 * d.dp, d.dp * (int)sizeof(bf16));
-            _tile_loadd(2, kp + (long)b * TILE * DEPTH, DEPTH * (int)sizeof(bf16));
-            _tile_dpbf16ps(0, 1, 2);
-            if (chunks > 1) {
-                _tile_loadd(1, qp + (long)i0 * d.dp + DEPTH, d.dp * (int)sizeof(bf16));
-                _tile_loadd(2, kp + (long)(blocks + b) * TILE * DEPTH, DEPTH * (int)sizeof(bf16));
-                _tile_dpbf16ps(0, 1, 2);
-            }
+        /* scores, 16 keys at a time into four accumulators (0-3) in flight; q's chunks stay in 4, 5 */
+        _tile_loadd(4, qp + (long)i0 * d.dp, d.dp * (int)sizeof(bf16));
+        if (chunks > 1) _tile_loadd(5, qp + (long)i0 * d.dp + DEPTH, d.dp * (int)sizeof(bf16));
+        for (int b = 0; b < blocks; b += 4) {
+            int count = blocks - b < 4 ? blocks - b : 4;
+            SCORES(0, b, 6);
+            if (count > 1) SCORES(1, b + 1, 7);
+            if (count > 2) SCORES(2, b + 2, 6);
+            if (count > 3) SCORES(3, b + 3, 7);
             _tile_stored(0, s + b * TILE, d.nk * (int)sizeof(float));
+            if (count > 1) _tile_stored(1, s + (b + 1) * TILE, d.nk * (int)sizeof(float));
+            if (count > 2) _tile_stored(2, s + (b + 2) * TILE, d.nk * (int)sizeof(float));
+            if (count > 3) _tile_stored(3, s + (b + 3) * TILE, d.nk * (int)sizeof(float));
         }
         for (int r = 0; r < TILE; r++) { /* softmax in base 2; padding rows and keys give zeros */
             bf16 *pr = p + (long)r * d.nk2;
@@ -192,33 +210,53 @@ static void forward_pair(Dims d, const bf16 *qp, const bf16 *kp, const bf16 *vp,
                 vmask valid = j + VL > d.n ? (j >= d.n ? v_first(0) : tail) : full;
                 vec e = v_maskz(valid, exp2_ps(v_fmadd(v_loadz(valid, sr + j), v_set1(c), v_set1(-mx))));
                 sum = v_add(sum, e);
-                v_store_bf16(pr + j, full, e);
+                store16_bf16(pr + j, e);
             }
             float total = v_reduce_add(sum);
             inv[r] = 1.f / total;
             if (lse) lse[i0 + r] = mx + log2f(total);
         }
-        _tile_zero(4);
-        _tile_zero(5);
-        _tile_zero(6);
-        for (int k0 = 0; k0 < d.nk2; k0 += DEPTH) { /* probabilities x values, 32 keys at a time */
-            const bf16 *vb = vp + (long)(k0 / DEPTH) * d.ct * TILE * DEPTH;
-            _tile_loadd(1, p + k0, d.nk2 * (int)sizeof(bf16));
-            _tile_loadd(2, vb, DEPTH * (int)sizeof(bf16));
-            _tile_dpbf16ps(4, 1, 2);
+        /* probabilities x values, 32 keys at a time: accumulators 0-2 (one per column tile), and for
+         * heads up to 32 wide a second pair, 2-3, for every other chunk, so two chains are in flight */
+        int ldt = d.ct * TILE * (int)sizeof(float), ldp = d.nk2 * (int)sizeof(bf16), step = d.ct * TILE * DEPTH;
+        int split = d.ct <= 2 && d.nk2 > DEPTH;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int k = 0; k < d.nk2 / DEPTH; k++) {
+            const bf16 *vb = vp + (long)k * step;
+            if (split && k % 2) {
+                _tile_loadd(5, p + k * DEPTH, ldp);
+                _tile_loadd(7, vb, DEPTH * (int)sizeof(bf16));
+                _tile_dpbf16ps(2, 5, 7);
+                if (d.ct > 1) {
+                    _tile_loadd(6, vb + TILE * DEPTH, DEPTH * (int)sizeof(bf16));
+                    _tile_dpbf16ps(3, 5, 6);
+                }
+                continue;
+            }
+            _tile_loadd(4, p + k * DEPTH, ldp);
+            _tile_loadd(6, vb, DEPTH * (int)sizeof(bf16));
+            _tile_dpbf16ps(0, 4, 6);
             if (d.ct > 1) {
-                _tile_loadd(3, vb + TILE * DEPTH, DEPTH * (int)sizeof(bf16));
-                _tile_dpbf16ps(5, 1, 3);
+                _tile_loadd(7, vb + TILE * DEPTH, DEPTH * (int)sizeof(bf16));
+                _tile_dpbf16ps(1, 4, 7);
             }
             if (d.ct > 2) {
-                _tile_loadd(2, vb + 2 * TILE * DEPTH, DEPTH * (int)sizeof(bf16));
-                _tile_dpbf16ps(6, 1, 2);
+                _tile_loadd(5, vb + 2 * TILE * DEPTH, DEPTH * (int)sizeof(bf16));
+                _tile_dpbf16ps(2, 4, 5);
             }
         }
-        int ldt = d.ct * TILE * (int)sizeof(float);
-        _tile_stored(4, o, ldt);
-        if (d.ct > 1) _tile_stored(5, o + TILE, ldt);
-        if (d.ct > 2) _tile_stored(6, o + 2 * TILE, ldt);
+        _tile_stored(0, o, ldt);
+        if (d.ct > 1) _tile_stored(1, o + TILE, ldt);
+        if (d.ct > 2) _tile_stored(2, o + 2 * TILE, ldt);
+        if (split) { /* add the second chain */
+            float *o2 = o + TILE * ldt / (int)sizeof(float);
+            _tile_stored(2, o2, ldt);
+            if (d.ct > 1) _tile_stored(3, o2 + TILE, ldt);
+            for (int i = 0; i < TILE * d.ct * TILE; i += VL) v_store(o + i, v_add(v_load(o + i), v_load(o2 + i)));
+        }
         for (int r = 0; r < rows; r++)
             for (int e = 0; e < d.depth; e += VL) {
                 vmask valid = v_first(d.depth - e);
@@ -322,8 +360,8 @@ static void backward_pair(Dims d, Backward w, const bf16 *q, const bf16 *k, cons
                 vec x = v_sub(v_mul(v_loadz(valid, sr + i), v_set1(c)), v_loadz(valid, w.lse + i));
                 vec p = v_maskz(valid, exp2_ps(x));
                 vec ds = v_mul(p, v_sub(v_loadz(valid, gr + i), v_loadz(valid, w.delta + i)));
-                v_store_bf16(pr + i, v_first(VL), p);
-                v_store_bf16(dr + i, v_first(VL), ds);
+                store16_bf16(pr + i, p);
+                store16_bf16(dr + i, ds);
             }
         }
         for (int h = 0; h < 2 && j0 + h * TILE < d.n; h++) { /* dV and dK of the chunk's keys */
@@ -423,7 +461,7 @@ int sret_attention_forward_amx(const bf16 *qkv, bf16 *out, float *lse, int group
         int first = (int)((long)pairs * t / count), end = (int)((long)pairs * (t + 1) / count);
         size_t qn = (size_t)d.nq * d.dp, kn = (size_t)d.dp * d.nk, vn = (size_t)d.nk2 * d.ct * TILE;
         size_t pn = (size_t)TILE * d.nk2, bytes16 = sizeof(bf16) * (qn + kn + vn + pn);
-        size_t bytes = round_up((int)bytes16, 64) + sizeof(float) * ((size_t)TILE * d.nk + TILE * d.ct * TILE);
+        size_t bytes = round_up((int)bytes16, 64) + sizeof(float) * ((size_t)TILE * d.nk + 2 * TILE * d.ct * TILE);
         char *scratch = aligned_alloc(64, round_up((int)bytes, 64));
         if (!scratch) {
             failed = 1;
