@@ -13,7 +13,16 @@ import sret
 from sret import kernels
 from sret.info import count_macs
 from sret.kernels import native, onednn
-from sret.model import ConvStem, FeedForward, SlicedAttention, SReT, SReTConfig, StageConfig, token_groups
+from sret.model import (
+    ConvPool,
+    ConvStem,
+    FeedForward,
+    SlicedAttention,
+    SReT,
+    SReTConfig,
+    StageConfig,
+    token_groups,
+)
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX2 CPU or no C compiler here")
 
@@ -361,6 +370,22 @@ def test_amx_attention_forward_is_within_bf16_rounding_of_the_fp32_kernel() -> N
     qkv[0, 3, 0] = float("nan")
     out, _ = native.attention_forward(qkv, 1, 1, 0.2, False)
     assert out[0, 3].isnan().all() and not out[0, [i for i in range(20) if i != 3]].isnan().any()
+
+
+def test_pooling_stays_fp32_under_bf16_autocast() -> None:
+    """The depthwise pooling convolution runs in fp32 under bf16 autocast (its fp32 kernels are the
+    faster ones): the fp32 result and gradients exactly, and an fp32 output for the fp32 stream."""
+    torch.manual_seed(0)
+    pool = ConvPool(8, 16)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pool(x)
+    ref = pool.conv(x)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, [x, pool.conv.weight], grad)
+    refs = torch.autograd.grad(ref, [x, pool.conv.weight], grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, refs, strict=True))
 
 
 @pytest.mark.skipif(not native.amx_attention(), reason="needs a CPU with AMX tiles")

@@ -626,6 +626,7 @@ class ConvStem(nn.Module):
         return x
 
 
+@register_notrace_module  # an FX leaf: its kernel choice reads the input's dtype and mode
 class ConvPool(nn.Module):
     """Depthwise 3x3 stride-2 convolution between stages (PiT pooling without the class token)."""
 
@@ -634,6 +635,8 @@ class ConvPool(nn.Module):
         self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.active(x):
+            return kernels.depthwise_conv(x, self.conv)
         return self.conv(x)
 
 

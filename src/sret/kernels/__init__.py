@@ -17,6 +17,7 @@ What the entry points do differently:
   (and its backward) in fp32 on the bf16 values; either outruns torch's bf16 kernel at SReT's shapes;
 - under bf16 autocast, LayerNorm written straight in bf16 from the fp32 residual stream, and a bf16
   branch added to that stream in one pass (:mod:`sret.kernels.native`);
+- under bf16 autocast, the pooling's depthwise convolutions kept in fp32 (:func:`depthwise_conv`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
   widths padded to a multiple of 8;
@@ -53,6 +54,7 @@ __all__ = [
     "active",
     "attend",
     "conv_bn_relu",
+    "depthwise_conv",
     "disabled",
     "fold_batchnorm",
     "layer_norm",
@@ -220,6 +222,14 @@ def sliced_attention(
     if scatter is not None:
         x = take_tokens(x, scatter, gather if permutation else None)
     return linear(x, *gained(proj.weight, proj.bias, gain))
+
+
+def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """`conv(x)` for a depthwise convolution (the pooling between stages), in fp32 even under bf16
+    autocast: it holds a negligible share of the model's MACs, and oneDNN's bf16 depthwise kernels
+    took two to three times as long as its fp32 ones, forward and backward (benchmarks/README.md)."""
+    with torch.autocast("cpu", enabled=False):
+        return conv(x.float())
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
