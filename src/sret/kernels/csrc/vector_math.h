@@ -28,6 +28,7 @@ static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec v_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec v_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline vec v_max(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec v_min(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline vec v_maskz(vmask m, vec v) { return _mm512_maskz_mov_ps(m, v); } /* v, 0 outside m */
 static inline vec v_select(vmask m, vec a, vec b) { return _mm512_mask_mov_ps(b, m, a); } /* m ? a : b */
 static inline float v_reduce_max(vec v) { return _mm512_reduce_max_ps(v); }
@@ -80,6 +81,7 @@ static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec v_fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec v_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec v_min(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline vec v_maskz(vmask m, vec v) { return _mm256_and_ps(_mm256_castsi256_ps(m), v); }
 static inline vec v_select(vmask m, vec a, vec b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
 static inline float v_reduce_max(vec v) {
