@@ -470,6 +470,12 @@ def test_bf16_pass_operators_pass_torch_opcheck() -> None:
         torch.library.opcheck(
             torch.ops.sret.layer_norm_bf16, args, test_utils=("test_schema", "test_faketensor")
         )
+    y, mean, rstd = torch.ops.sret.layer_norm_bf16(x, r(24), r(24), 1e-6, True)
+    for grad in (torch.randn_like(y), torch.randn_like(x)):  # the kernel's bf16 gradient, and another
+        args = (grad, x, mean, rstd, r(24))
+        torch.library.opcheck(
+            torch.ops.sret.layer_norm_bf16_backward, args, test_utils=("test_schema", "test_faketensor")
+        )
     args = (x, torch.randn_like(x).bfloat16(), r(1))
     torch.library.opcheck(
         torch.ops.sret.scaled_residual_bf16, args, test_utils=("test_schema", "test_faketensor")

@@ -194,6 +194,23 @@ def test_layer_norm_into_bf16_rounds_torch_fp32_layer_norm(shape: tuple[int, ...
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (70, 256)])
+def test_layer_norm_backward_from_a_bf16_gradient_matches_torch(shape: tuple[int, ...]) -> None:
+    """From the bf16 gradient, the fp32 input and the kept statistics: torch's LayerNorm backward on the
+    widened gradient, to fp32 rounding (the column sums in double, torch's in float)."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(shape) * 3 + 1, torch.randn(shape[-1]), torch.randn(shape[-1])
+    _, mean, rstd = native.layer_norm_bf16(x, weight, bias, 1e-6, True)
+    grad = torch.randn(shape).bfloat16()
+    ours = native.layer_norm_backward_bf16(grad, x, mean, rstd, weight)
+    refs = torch.ops.aten.native_layer_norm_backward(
+        grad.float(), x, [shape[-1]], mean, rstd, weight, bias, [True, True, True]
+    )
+    for a, b in zip(ours, refs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (5,)])
 def test_scaled_residual_of_a_bf16_branch_matches_addcmul(shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)

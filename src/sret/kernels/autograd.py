@@ -138,7 +138,8 @@ class TokenPermutation(torch.autograd.Function):
 
 class LayerNormBF16(torch.autograd.Function):
     """LayerNorm of the fp32 residual stream written in bf16 (:func:`sret.kernels.ops.layer_norm_bf16`);
-    the backward is torch's LayerNorm backward, from the row statistics the forward kept."""
+    its backward (:func:`sret.kernels.ops.layer_norm_bf16_backward`) starts from the row statistics
+    the forward kept and the bf16 gradient as the next product gives it."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,17 +147,14 @@ class LayerNormBF16(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        x, weight, bias, _ = inputs
+        x, weight, _, _ = inputs
         _, mean, rstd = output
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        needed = list(ctx.needs_input_grad[:3])
+        x, weight, mean, rstd = ctx.saved_tensors
         with torch.no_grad():
-            grads = torch.ops.aten.native_layer_norm_backward(
-                grad.float(), x, [x.shape[-1]], mean, rstd, weight, bias, needed
-            )
-        return (*_none_if_unneeded(grads, tuple(needed)), None)
+            grads = sret_ops.layer_norm_bf16_backward(grad.contiguous(), x, mean, rstd, weight)
+        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None)

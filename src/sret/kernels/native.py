@@ -150,6 +150,7 @@ def library() -> ctypes.CDLL | None:
     bf16_only = {  # fp32 in, bf16 in or out: the passes between a bf16 block's products
         "layer_norm_bf16": [p, p, p, p, p, p, n, i, f, i],
         "scaled_residual_bf16": [p, p, f, p, n, i],
+        "layer_norm_backward_bf16": [p, p, p, p, p, p, p, p, n, i, i],
     }
     if amx():
         bf16_only["attention_forward_amx"] = signatures["attention_forward"]
@@ -290,6 +291,22 @@ def layer_norm_bf16(
         rows, cols, eps, torch.get_num_threads(),
     )  # fmt: skip
     return y, mean, rstd
+
+
+def layer_norm_backward_bf16(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`layer_norm_bf16` for x, weight and bias (fp32) from its bf16 output's
+    contiguous gradient, the fp32 input and the row statistics it kept."""
+    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    dx, dw, db = torch.empty_like(x), x.new_empty(cols), x.new_empty(cols)
+    status = library().sret_layer_norm_backward_bf16(
+        grad.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.contiguous().data_ptr(),
+        dx.data_ptr(), dw.data_ptr(), db.data_ptr(), rows, cols, torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("native LayerNorm backward could not allocate its buffers")
+    return dx, dw, db
 
 
 def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: float) -> Tensor:

@@ -36,6 +36,8 @@ for _schema in (
     "conv_bn_relu(Tensor x, Tensor[] weights, Tensor[] biases, int stride, int padding) -> Tensor",
     "layer_norm_bf16(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats)"
     " -> (Tensor, Tensor, Tensor)",
+    "layer_norm_bf16_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
+    " -> (Tensor, Tensor, Tensor)",
     "scaled_residual_bf16(Tensor x, Tensor branch, Tensor skip) -> Tensor",
 ):
     _name, _, _signature = _schema.partition("(")
@@ -271,6 +273,27 @@ def layer_norm_bf16(
 def _layer_norm_bf16_fake(x, weight, bias, eps, keep_stats) -> tuple[Tensor, Tensor, Tensor]:
     stats = x.new_empty(*x.shape[:-1], 1) if keep_stats else _empty(x)
     return torch.empty_like(x, dtype=torch.bfloat16), stats, torch.empty_like(stats)
+
+
+@torch.library.impl("sret::layer_norm_bf16_backward", "CPU")
+def layer_norm_bf16_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`layer_norm_bf16` for x, weight and bias, in SReT's C kernel where the
+    gradient is contiguous bf16 (as the product after the norm gives it), else torch's LayerNorm
+    backward on the widened gradient."""
+    if grad.dtype == torch.bfloat16 and grad.is_contiguous() and grad.shape == x.shape:
+        return native.layer_norm_backward_bf16(grad, x, mean, rstd, weight)
+    bias = weight.new_zeros(weight.shape)  # the bias enters no gradient
+    grads = torch.ops.aten.native_layer_norm_backward(
+        grad.float(), x, [x.shape[-1]], mean, rstd, weight, bias, [True, True, True]
+    )
+    return grads[0], grads[1], grads[2]
+
+
+@torch.library.register_fake("sret::layer_norm_bf16_backward")
+def _layer_norm_bf16_backward_fake(grad, x, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
 @torch.library.impl("sret::scaled_residual_bf16", "CPU")

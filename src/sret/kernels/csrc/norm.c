@@ -11,10 +11,14 @@
  *
  * LayerNorm: mean, then the variance as the mean of squared deviations (two passes over a row that
  * stays in L1, as stable as torch's), y = (x - mean) * rstd * weight + bias in fp32, rounded once to
- * bf16 (round to nearest even).
+ * bf16 (round to nearest even). Its backward takes the bf16 gradient as it comes (torch would widen
+ * it first, another pass) and the kept row statistics: with xhat = (x - mean) * rstd and g = dy *
+ * weight, dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), two passes over the row; the weight and
+ * bias gradients sum dy * xhat and dy down the rows (per 64-row block in float, then in double).
  */
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 #include "vector_math.h"
 
@@ -70,4 +74,69 @@ int sret_scaled_residual_bf16(const float *x, const unsigned short *branch, floa
         }
     }
     return 0;
+}
+
+#define BLOCK_ROWS 64
+
+static void layer_norm_backward_rows(const unsigned short *dy, const float *x, const float *mean, const float *rstd,
+                                     const float *weight, float *dx, float *dw, float *db, long r0, long r1,
+                                     int cols) {
+    for (long r = r0; r < r1; r++) {
+        const float *row = x + r * cols;
+        const unsigned short *grad = dy + r * cols;
+        vec m = v_set1(mean[r]), s = v_set1(rstd[r]), sum_g = v_zero(), sum_gx = v_zero();
+        for (int c = 0; c < cols; c += VL) {
+            vmask valid = v_first(cols - c);
+            vec d = v_load_bf16(grad + c, valid), xhat = v_mul(v_sub(v_loadz(valid, row + c), m), s);
+            xhat = v_maskz(valid, xhat);
+            vec g = v_mul(d, v_loadz(valid, weight + c));
+            sum_g = v_add(sum_g, g);
+            sum_gx = v_fmadd(g, xhat, sum_gx);
+            v_storem(dw + c, valid, v_fmadd(d, xhat, v_loadz(valid, dw + c)));
+            v_storem(db + c, valid, v_add(d, v_loadz(valid, db + c)));
+        }
+        vec a = v_set1(v_reduce_add(sum_g) / cols), b = v_set1(v_reduce_add(sum_gx) / cols);
+        for (int c = 0; c < cols; c += VL) {
+            vmask valid = v_first(cols - c);
+            vec d = v_load_bf16(grad + c, valid), xhat = v_mul(v_sub(v_loadz(valid, row + c), m), s);
+            vec g = v_mul(d, v_loadz(valid, weight + c));
+            v_storem(dx + r * cols + c, valid, v_mul(s, v_sub(v_sub(g, a), v_mul(xhat, b))));
+        }
+    }
+}
+
+/* dy: rows x cols bf16; x: rows x cols fp32 with its rows' mean and rstd; weight: cols. Writes dx (rows x
+ * cols fp32), dw and db (cols fp32, either may be NULL). 0 on success. */
+int sret_layer_norm_backward_bf16(const unsigned short *dy, const float *x, const float *mean, const float *rstd,
+                                  const float *weight, float *dx, float *dw, float *db, long rows, int cols,
+                                  int threads) {
+    if (threads < 1) threads = 1;
+    double *totals = calloc((size_t)threads * 2 * cols, sizeof(double));
+    if (!totals) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        long first = rows * t / count, end = rows * (t + 1) / count;
+        float *block = calloc((size_t)2 * cols + 2 * VL, sizeof(float));
+        double *total = totals + (long)t * 2 * cols;
+        if (!block) failed = 1;
+        for (long r0 = first; r0 < end && block; r0 += BLOCK_ROWS) {
+            long r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
+            layer_norm_backward_rows(dy, x, mean, rstd, weight, dx, block, block + cols + VL, r0, r1, cols);
+            for (int c = 0; c < cols; c++) {
+                total[c] += block[c], total[cols + c] += block[cols + VL + c];
+                block[c] = block[cols + VL + c] = 0.f;
+            }
+        }
+        free(block);
+    }
+    for (int c = 0; c < cols && !failed; c++) {
+        double w = 0., b = 0.;
+        for (int t = 0; t < threads; t++) w += totals[(long)t * 2 * cols + c], b += totals[(long)t * 2 * cols + cols + c];
+        if (dw) dw[c] = (float)w;
+        if (db) db[c] = (float)b;
+    }
+    free(totals);
+    return failed;
 }
