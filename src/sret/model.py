@@ -622,7 +622,11 @@ class ConvStem(nn.Module):
         if not (self.training or torch.is_grad_enabled()) and kernels.active(x):
             return kernels.conv_bn_relu(x, layers)
         for conv, bn in layers:
-            x = F.relu(bn(conv(x)), inplace=True)
+            x = conv(x)
+            if self.training and kernels.active(x):
+                x = kernels.batch_norm_relu(x, bn)
+            else:
+                x = F.relu(bn(x), inplace=True)
         return x
 
 

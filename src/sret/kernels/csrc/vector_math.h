@@ -30,6 +30,7 @@ static inline vec v_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, 
 static inline vec v_max(vec a, vec b) { return _mm512_max_ps(a, b); }
 static inline vec v_min(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline vec v_maskz(vmask m, vec v) { return _mm512_maskz_mov_ps(m, v); } /* v, 0 outside m */
+static inline vmask v_not_le(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLE_UQ); } /* !(a <= b): NaN too */
 static inline vec v_select(vmask m, vec a, vec b) { return _mm512_mask_mov_ps(b, m, a); } /* m ? a : b */
 static inline float v_reduce_max(vec v) { return _mm512_reduce_max_ps(v); }
 static inline float v_reduce_add(vec v) { return _mm512_reduce_add_ps(v); }
@@ -83,6 +84,7 @@ static inline vec v_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, 
 static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline vec v_min(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline vec v_maskz(vmask m, vec v) { return _mm256_and_ps(_mm256_castsi256_ps(m), v); }
+static inline vmask v_not_le(vec a, vec b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_NLE_UQ)); }
 static inline vec v_select(vmask m, vec a, vec b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
 static inline float v_reduce_max(vec v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
