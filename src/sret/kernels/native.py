@@ -10,8 +10,9 @@ forward and backward (`benchmarks/README.md`). On CPUs with AMX tiles, bf16 atte
 `csrc/attention_amx.c` instead, its products in the tiles (`SRET_AMX=0` keeps the vector kernels).
 
 In training, `csrc/batch_norm.c` runs the conv stem's BatchNorm (on batch statistics) and ReLU as one
-operator, forward and backward, on channels-last fp32: two passes each way where torch's three modules
-make five, and one new stem-sized tensor each way where they make two.
+operator on channels-last fp32: forward, a statistics pass and one that writes the output (torch adds
+an in-place ReLU pass); backward, two passes and one new stem-sized tensor (torch: ReLU's gradient,
+then BatchNorm's reduction and input gradient, three passes and two new tensors).
 
 Under bf16 autocast, `csrc/norm.c` writes a LayerNorm's bf16 output from the fp32 residual stream in
 one pass (torch: LayerNorm, then a cast) and adds a bf16 branch to that stream in one pass.
