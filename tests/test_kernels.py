@@ -161,7 +161,8 @@ def test_stem_matches_the_plain_module_and_keeps_non_finite_values() -> None:
 def test_stem_in_training_matches_the_plain_module(momentum: float | None, monkeypatch) -> None:
     """BatchNorm on batch statistics and ReLU as one kernel: the plain module's output, gradients,
     running statistics and batch count, over two steps of a moving or (`momentum` None) cumulative
-    average."""
+    average. A convolution's bias before such a BatchNorm has a gradient of zero (the batch mean
+    takes it out), so there both give rounding noise, held to be small against the weight's."""
     torch.manual_seed(0)
     stem = ConvStem(3, 64).train()
     for bn in (stem.bn1, stem.bn2, stem.bn3):
@@ -176,8 +177,17 @@ def test_stem_in_training_matches_the_plain_module(momentum: float | None, monke
         ours, ours_grads = outputs_and_grads(stem, x, plain=False)
         ref, ref_grads = outputs_and_grads(plain, x, plain=True)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(ours_grads, ref_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        names = ["x", *(name for name, _ in stem.named_parameters())]
+        grads = dict(zip(names, zip(ours_grads, ref_grads, strict=True), strict=True))
+        for name, (a, b) in grads.items():
+            if name.startswith("conv") and name.endswith("bias"):
+                scale = grads[name.replace("bias", "weight")][1].abs().max()
+                assert a.abs().max() < 1e-3 * scale and b.abs().max() < 1e-3 * scale, name
+            else:
+                atol = 1e-5 * float(b.abs().max())  # sums over the batch: rounding grows with the scale
+                torch.testing.assert_close(
+                    a, b, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+                )
     assert len(calls) == 6 and ours.is_contiguous(memory_format=torch.channels_last)
     for (name, a), b in zip(stem.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
