@@ -98,15 +98,20 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 
 def linear_backward(
-    grad: Tensor, x: Tensor | None, weight: Tensor, need_x: bool = True, need_weight: bool = True
+    grad: Tensor,
+    x: Tensor | None,
+    weight: Tensor,
+    need_x: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of `F.linear(x, weight, bias)` for the input, weight and bias from the output's
-    (contiguous) gradient; input and weight ones only where asked (`x` may be None without
-    `need_weight`)."""
+    (contiguous) gradient, each only where asked (`x` may be None without `need_weight`). The bias
+    gradient is a pass over `grad`: skip it where a fused kernel already summed the gradient."""
     rows = grad.reshape(-1, grad.shape[-1])
     grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight) if need_weight else None
     grad_x = linear(grad, weight.t()) if need_x else None
-    return grad_x, grad_weight, rows.sum(0)
+    return grad_x, grad_weight, rows.sum(0) if need_bias else None
 
 
 def gelu_backward(h: Tensor, grad: Tensor, need_hidden: bool) -> tuple[Tensor | None, Tensor, Tensor]:
