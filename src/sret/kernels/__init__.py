@@ -15,8 +15,9 @@ What the entry points do differently:
   oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
   are cast, and attention in the C kernel: its forward in AMX tiles where the CPU has them, else
   (and its backward) in fp32 on the bf16 values; either outruns torch's bf16 kernel at SReT's shapes;
-- under bf16 autocast, LayerNorm written straight in bf16 from the fp32 residual stream, and a bf16
-  branch added to that stream in one pass (:mod:`sret.kernels.native`);
+- LayerNorm's forward in SReT's C kernel (fp32 where it is built for AVX-512); under bf16 autocast
+  written straight in bf16 from the fp32 residual stream and back-propagated from the bf16 gradient,
+  and a bf16 branch added to that stream in one pass (:mod:`sret.kernels.native`);
 - under bf16 autocast, the pooling's depthwise convolutions kept in fp32 (:func:`depthwise_conv`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
@@ -44,7 +45,7 @@ from sret.kernels import native, onednn
 from sret.kernels.autograd import (
     MLP,
     BatchNormReLU,
-    LayerNormBF16,
+    LayerNorm,
     Linear,
     ScaledResidual,
     SlicedAttention,
@@ -146,21 +147,23 @@ def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
     """`skip * x + branch` in one pass (of SReT's C kernel where the branch is bf16 under autocast)."""
     if _autograd(x, branch, skip):
         return ScaledResidual.apply(x, branch, skip)
-    if native.bf16_passes_apply(x, branch):
+    if native.passes_apply(x, branch):
         return sret_ops.scaled_residual_bf16(x, branch, skip)
     return torch.addcmul(branch, x, skip)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """`F.layer_norm` over the last dim. Under bf16 autocast the result is bf16, the dtype the product
-    that follows takes it in (autocast's LayerNorm writes fp32, which that product then casts): one
-    pass of SReT's C kernel instead of three."""
-    affine = weight is not None and bias is not None
-    if precision() == torch.bfloat16 and affine and native.bf16_passes_apply(x):
-        if _autograd(x, weight, bias):
-            return LayerNormBF16.apply(x, weight, bias, eps)[0]
-        return sret_ops.layer_norm_bf16(x, weight, bias, eps, False)[0]
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    """`F.layer_norm` over the last dim, in SReT's C kernel for fp32 `x` and affine fp32 parameters
+    (in fp32 where :func:`sret.kernels.native.fp32_layer_norm` holds). Under bf16 autocast the result is
+    bf16, the dtype the product that follows takes it in (autocast's LayerNorm writes fp32, which that
+    product then casts): one pass instead of three."""
+    params, bf16 = (weight, bias), precision() == torch.bfloat16
+    runs = (bf16 or native.fp32_layer_norm()) and native.passes_apply(x)
+    if not runs or any(p is None or p.dtype != torch.float32 for p in params):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if _autograd(x, *params):
+        return LayerNorm.apply(x, weight, bias, eps, bf16)[0]
+    return sret_ops.layer_norm(x, weight, bias, eps, False, bf16)[0]
 
 
 def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:

@@ -96,7 +96,7 @@ class ScaledResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-        if native.bf16_passes_apply(x, branch):  # a bf16 branch under autocast: one pass, not a promotion
+        if native.passes_apply(x, branch):  # a bf16 branch under autocast: one pass, not a promotion
             return sret_ops.scaled_residual_bf16(x, branch, skip)
         return torch.addcmul(branch, x, skip)
 
@@ -136,18 +136,18 @@ class TokenPermutation(torch.autograd.Function):
             return grad.index_select(1, inverse), None, None
 
 
-class LayerNormBF16(torch.autograd.Function):
-    """LayerNorm of the fp32 residual stream written in bf16 (:func:`sret.kernels.ops.layer_norm_bf16`);
-    its backward (:func:`sret.kernels.ops.layer_norm_bf16_backward`) starts from the row statistics
-    the forward kept and the bf16 gradient as the next product gives it."""
+class LayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dim in SReT's C kernel (:func:`sret.kernels.ops.layer_norm`), written in
+    fp32 or bf16; its backward (:func:`sret.kernels.ops.layer_norm_backward`) starts from the row
+    statistics the forward kept and the gradient as the next product gives it."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        return sret_ops.layer_norm_bf16(x, weight, bias, eps, True)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, bf16: bool) -> tuple[Tensor, ...]:
+        return sret_ops.layer_norm(x, weight, bias, eps, True, bf16)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        x, weight, _, _ = inputs
+        x, weight, _, _, _ = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
@@ -156,8 +156,8 @@ class LayerNormBF16(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, rstd = ctx.saved_tensors
         with torch.no_grad():
-            grads = sret_ops.layer_norm_bf16_backward(grad.contiguous(), x, mean, rstd, weight)
-        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None)
+            grads = sret_ops.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight)
+        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None, None)
 
 
 class BatchNormReLU(torch.autograd.Function):

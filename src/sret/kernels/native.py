@@ -1,5 +1,5 @@
 """SReT's own CPU kernels (`csrc/`), compiled on first use: attention, an MLP's GELU backward,
-LayerNorm and the residual under bf16 autocast, and the stem's BatchNorm and ReLU in training.
+LayerNorm (and, under bf16 autocast, the residual), and the stem's BatchNorm and ReLU in training.
 
 SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads. There torch's
 fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
@@ -14,8 +14,10 @@ operator on channels-last fp32: forward, a statistics pass and one that writes t
 an in-place ReLU pass); backward, two passes and one new stem-sized tensor (torch: ReLU's gradient,
 then BatchNorm's reduction and input gradient, three passes and two new tensors).
 
-Under bf16 autocast, `csrc/norm.c` writes a LayerNorm's bf16 output from the fp32 residual stream in
-one pass (torch: LayerNorm, then a cast) and adds a bf16 branch to that stream in one pass.
+`csrc/norm.c` runs LayerNorm over the channels faster than torch's kernel at SReT's 64-256 channels
+where it is built for AVX-512 (:func:`fp32_layer_norm`); under bf16 autocast it writes the norm's bf16
+output from the fp32 residual stream in one pass (torch: LayerNorm, then a cast), back-propagates
+from the bf16 gradient without widening it, and adds a bf16 branch to that stream in one pass.
 
 The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
 through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three, in fp32 or,
@@ -154,6 +156,7 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = argtypes, i
     single = {  # fp32 in, bf16 in or out (the passes between a bf16 block's products), or fp32 only
         "layer_norm_bf16": [p, p, p, p, p, p, n, i, f, i],
+        "layer_norm": [p, p, p, p, p, p, n, i, f, i],
         "scaled_residual_bf16": [p, p, f, p, n, i],
         "layer_norm_backward_bf16": [p, p, p, p, p, p, p, p, n, i, i],
         "batch_norm_relu": [p, p, p, p, p, p, p, n, i, f, i],
@@ -282,17 +285,19 @@ def gelu_backward(
     return hidden, grad, bias
 
 
-def layer_norm_bf16(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`F.layer_norm(x, (C,), weight, bias, eps)` of a contiguous fp32 `x` (fp32 weight and bias of C),
-    computed in fp32 and written in bf16; with `keep_stats`, also each row's mean and reciprocal
-    standard deviation (fp32, shaped `x.shape[:-1] + (1,)`, as torch's LayerNorm backward takes them)."""
+    computed in fp32 and written in `dtype` (fp32, or bf16 for the product that follows under
+    autocast); with `keep_stats`, also each row's mean and reciprocal standard deviation (fp32, shaped
+    `x.shape[:-1] + (1,)`, as torch's LayerNorm backward takes them)."""
     rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-    y = torch.empty_like(x, dtype=torch.bfloat16)
+    y = torch.empty_like(x, dtype=dtype)
     mean = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
     rstd = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
-    library().sret_layer_norm_bf16(
+    kernel = library().sret_layer_norm_bf16 if dtype == torch.bfloat16 else library().sret_layer_norm
+    kernel(
         x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(),
         mean.data_ptr() if keep_stats else None, rstd.data_ptr() if keep_stats else None,
         rows, cols, eps, torch.get_num_threads(),
@@ -303,8 +308,8 @@ def layer_norm_bf16(
 def layer_norm_backward_bf16(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`layer_norm_bf16` for x, weight and bias (fp32) from its bf16 output's
-    contiguous gradient, the fp32 input and the row statistics it kept."""
+    """The gradients of :func:`layer_norm` in bf16 for x, weight and bias (fp32) from its output's
+    contiguous bf16 gradient (as the next product gives it), the fp32 input and the row statistics."""
     rows, cols = x.numel() // x.shape[-1], x.shape[-1]
     dx, dw, db = torch.empty_like(x), x.new_empty(cols), x.new_empty(cols)
     status = library().sret_layer_norm_backward_bf16(
@@ -325,8 +330,15 @@ def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: float) -> Tensor:
     return out
 
 
-def bf16_passes_apply(x: Tensor, other: Tensor | None = None) -> bool:
-    """Whether :func:`layer_norm_bf16` (`other`: None) or :func:`scaled_residual_bf16` (`other`: the bf16
+def fp32_layer_norm() -> bool:
+    """Whether fp32 LayerNorm runs in the kernel: where it is built for AVX-512 it measured faster than
+    torch's kernel at SReT's widths; the AVX2 build was slower at 256 channels, so there torch's runs.
+    (Its backward is torch's: the kernel's measured no faster in fp32.)"""
+    return isa() == "AVX512" and library() is not None
+
+
+def passes_apply(x: Tensor, other: Tensor | None = None) -> bool:
+    """Whether :func:`layer_norm` (`other`: None) or :func:`scaled_residual_bf16` (`other`: the bf16
     branch) run on these tensors: contiguous fp32 `x` on the CPU, `other` bf16 of its shape."""
     return (
         x.device.type == "cpu"

@@ -34,9 +34,9 @@ for _schema in (
     "sliced_attention_backward(Tensor grad, Tensor qkv, Tensor out, Tensor lse, int groups, int heads,"
     " float scale) -> Tensor",
     "conv_bn_relu(Tensor x, Tensor[] weights, Tensor[] biases, int stride, int padding) -> Tensor",
-    "layer_norm_bf16(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats)"
+    "layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats, bool bf16)"
     " -> (Tensor, Tensor, Tensor)",
-    "layer_norm_bf16_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
+    "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
     " -> (Tensor, Tensor, Tensor)",
     "scaled_residual_bf16(Tensor x, Tensor branch, Tensor skip) -> Tensor",
     "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -292,30 +292,33 @@ def _batch_norm_relu_backward_fake(grad, x, weight, bias, mean, invstd) -> tuple
     return dx, torch.empty_like(weight), torch.empty_like(bias)
 
 
-# ---- bf16 autocast: LayerNorm into bf16, and the residual of a bf16 branch ---------------------------
-@torch.library.impl("sret::layer_norm_bf16", "CPU")
-def layer_norm_bf16(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
+# ---- LayerNorm (into bf16 under autocast), and the residual of a bf16 branch -------------------------
+@torch.library.impl("sret::layer_norm", "CPU")
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool, bf16: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim of fp32 `x`, written in bf16, in SReT's C kernel (check
-    `native.bf16_passes_apply` first); then each row's mean and reciprocal standard deviation, or empty."""
-    y, mean, rstd = native.layer_norm_bf16(x, weight, bias, eps, keep_stats)
+    """LayerNorm over the last dim of fp32 `x`, written in fp32 or (`bf16`) bf16, in SReT's C kernel
+    (check `native.passes_apply` first); then each row's mean and reciprocal standard deviation, or
+    empty."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    y, mean, rstd = native.layer_norm(x, weight, bias, eps, keep_stats, dtype)
     return y, mean if keep_stats else _empty(x), rstd if keep_stats else _empty(x)
 
 
-@torch.library.register_fake("sret::layer_norm_bf16")
-def _layer_norm_bf16_fake(x, weight, bias, eps, keep_stats) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.register_fake("sret::layer_norm")
+def _layer_norm_fake(x, weight, bias, eps, keep_stats, bf16) -> tuple[Tensor, Tensor, Tensor]:
     stats = x.new_empty(*x.shape[:-1], 1) if keep_stats else _empty(x)
-    return torch.empty_like(x, dtype=torch.bfloat16), stats, torch.empty_like(stats)
+    y = torch.empty_like(x, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return y, stats, torch.empty_like(stats)
 
 
-@torch.library.impl("sret::layer_norm_bf16_backward", "CPU")
-def layer_norm_bf16_backward(
+@torch.library.impl("sret::layer_norm_backward", "CPU")
+def layer_norm_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`layer_norm_bf16` for x, weight and bias, in SReT's C kernel where the
-    gradient is contiguous bf16 (as the product after the norm gives it), else torch's LayerNorm
-    backward on the widened gradient."""
+    """Gradients of :func:`layer_norm` for x, weight and bias: in SReT's C kernel where the gradient is
+    contiguous bf16 (as the product after a bf16 norm gives it), else torch's LayerNorm backward (on
+    the widened gradient)."""
     if grad.dtype == torch.bfloat16 and grad.is_contiguous() and grad.shape == x.shape:
         return native.layer_norm_backward_bf16(grad, x, mean, rstd, weight)
     bias = weight.new_zeros(weight.shape)  # the bias enters no gradient
@@ -325,8 +328,8 @@ def layer_norm_bf16_backward(
     return grads[0], grads[1], grads[2]
 
 
-@torch.library.register_fake("sret::layer_norm_bf16_backward")
-def _layer_norm_bf16_backward_fake(grad, x, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.register_fake("sret::layer_norm_backward")
+def _layer_norm_backward_fake(grad, x, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 

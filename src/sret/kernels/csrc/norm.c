@@ -1,5 +1,6 @@
 /*
- * The two passes of a bf16-autocast block that sit between its products, fp32 in, AVX-512 or AVX2
+ * The passes of a block that sit between its products: LayerNorm and, under bf16 autocast, the
+ * residual of a bf16 branch and LayerNorm's backward from a bf16 gradient; fp32 in, AVX-512 or AVX2
  * (vector_math.h). Loaded by sret/native.py.
  *
  * Why: under bf16 autocast the residual stream stays fp32 and every product takes bf16. torch then
@@ -8,6 +9,8 @@
  * elementwise kernel several times slower than an fp32 one. Here LayerNorm reads each fp32 row once
  * and writes the bf16 row the product takes (per-row mean and reciprocal standard deviation kept for
  * the backward), and the residual `skip * x + branch` is one pass that widens the branch as it reads.
+ * In fp32 the same LayerNorm writes fp32: at SReT's 64-256 channels, built for AVX-512, it takes less
+ * time per row than torch's kernel (benchmarks/README.md).
  *
  * LayerNorm: mean, then the variance as the mean of squared deviations (two passes over a row that
  * stays in L1, as stable as torch's), y = (x - mean) * rstd * weight + bias in fp32, rounded once to
@@ -22,8 +25,9 @@
 
 #include "vector_math.h"
 
-static void layer_norm_rows(const float *x, const float *weight, const float *bias, unsigned short *y,
-                            float *mean, float *rstd, long r0, long r1, int cols, float eps) {
+/* y16 (bf16) or, where it is NULL, y32 (fp32) receives the output. */
+static void layer_norm_rows(const float *x, const float *weight, const float *bias, unsigned short *y16,
+                            float *y32, float *mean, float *rstd, long r0, long r1, int cols, float eps) {
     for (long r = r0; r < r1; r++) {
         const float *row = x + r * cols;
         vec sum = v_zero();
@@ -40,22 +44,37 @@ static void layer_norm_rows(const float *x, const float *weight, const float *bi
         for (int c = 0; c < cols; c += VL) {
             vmask valid = v_first(cols - c);
             vec norm = v_mul(v_sub(v_loadz(valid, row + c), m), s);
-            v_store_bf16(y + r * cols + c, valid,
-                         v_fmadd(norm, v_loadz(valid, weight + c), v_loadz(valid, bias + c)));
+            vec out = v_fmadd(norm, v_loadz(valid, weight + c), v_loadz(valid, bias + c));
+            if (y16)
+                v_store_bf16(y16 + r * cols + c, valid, out);
+            else
+                v_storem(y32 + r * cols + c, valid, out);
         }
         if (mean) mean[r] = mu, rstd[r] = inv;
+    }
+}
+
+static void layer_norm(const float *x, const float *weight, const float *bias, unsigned short *y16, float *y32,
+                       float *mean, float *rstd, long rows, int cols, float eps, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        layer_norm_rows(x, weight, bias, y16, y32, mean, rstd, rows * t / count, rows * (t + 1) / count, cols, eps);
     }
 }
 
 /* x: rows x cols fp32; y: rows x cols bf16; mean, rstd: rows floats, or both NULL. 0 on success. */
 int sret_layer_norm_bf16(const float *x, const float *weight, const float *bias, unsigned short *y, float *mean,
                          float *rstd, long rows, int cols, float eps, int threads) {
-    if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), count = omp_get_num_threads();
-        layer_norm_rows(x, weight, bias, y, mean, rstd, rows * t / count, rows * (t + 1) / count, cols, eps);
-    }
+    layer_norm(x, weight, bias, y, 0, mean, rstd, rows, cols, eps, threads);
+    return 0;
+}
+
+/* As sret_layer_norm_bf16, y fp32. */
+int sret_layer_norm(const float *x, const float *weight, const float *bias, float *y, float *mean, float *rstd,
+                    long rows, int cols, float eps, int threads) {
+    layer_norm(x, weight, bias, 0, y, mean, rstd, rows, cols, eps, threads);
     return 0;
 }
 
