@@ -259,11 +259,10 @@ def batch_norm_relu(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     """`F.relu(bn(x))` for a BatchNorm2d in training mode: `x` normalised by the batch's statistics,
     the running statistics and batch count updated as BatchNorm updates them. In SReT's C kernel
     (:func:`sret.kernels.native.batch_norm_relu`) for a channels-last fp32 `x` and affine fp32
-    parameters, else the plain modules."""
+    parameters, else the plain modules (always for a SyncBatchNorm, whose statistics span processes)."""
     params = (bn.weight, bn.bias)
-    if not (bn.training and bn.affine and native.batch_norm_relu_applies(x)) or any(
-        p.dtype != torch.float32 for p in params
-    ):
+    local = bn.training and bn.affine and not isinstance(bn, nn.SyncBatchNorm)
+    if not (local and native.batch_norm_relu_applies(x)) or any(p.dtype != torch.float32 for p in params):
         return F.relu(bn(x))
     if _autograd(x, *params):
         y, mean, var, _ = BatchNormReLU.apply(x, *params, bn.eps)
