@@ -74,47 +74,6 @@ static void normalise_relu(const float *x, const float *mean, const float *a, co
     }
 }
 
-/* x, y: rows x channels; weight, bias: channels; writes mean, var (biased) and invstd (channels each).
- * 0 on success, 1 if a buffer could not be allocated. */
-int sret_batch_norm_relu(const float *x, const float *weight, const float *bias, float *y, float *mean,
-                         float *var, float *invstd, long rows, int channels, float eps, int threads) {
-    if (threads < 1) threads = 1;
-    double *totals = calloc((size_t)threads * 2 * channels, sizeof(double));
-    float *shift = malloc((size_t)2 * channels * sizeof(float));
-    if (!totals || !shift) return free(totals), free(shift), 1;
-    float *a = shift + channels;
-    for (int c = 0; c < channels; c++) shift[c] = isfinite(x[c]) ? x[c] : 0.f;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        int t = omp_get_thread_num(), count = omp_get_num_threads();
-        long first = rows * t / count, end = rows * (t + 1) / count;
-        float *block = calloc((size_t)2 * channels, sizeof(float));
-        if (!block) failed = 1;
-        for (long r0 = first; r0 < end && block; r0 += BLOCK_ROWS) {
-            shifted_sums(x, shift, block, r0, r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end, channels);
-            flush(block, totals + (long)t * 2 * channels, channels);
-        }
-        free(block);
-    }
-    if (!failed) {
-        combine(totals, threads, channels);
-        for (int c = 0; c < channels; c++) {
-            double m1 = totals[c] / rows, v = totals[channels + c] / rows - m1 * m1;
-            mean[c] = (float)(shift[c] + m1), var[c] = (float)(v < 0. ? 0. : v); /* NaN stays NaN */
-            invstd[c] = (float)(1. / sqrt((double)var[c] + eps));
-        }
-        scale(weight, invstd, a, channels);
-#pragma omp parallel num_threads(threads)
-        {
-            int t = omp_get_thread_num(), count = omp_get_num_threads();
-            normalise_relu(x, mean, a, bias, y, rows * t / count, rows * (t + 1) / count, channels);
-        }
-    }
-    free(totals), free(shift);
-    return failed;
-}
-
 /* Per-channel sums of g and g * (x - mean), g the gradient through ReLU (see the top). */
 static void gradient_sums(const float *dy, const float *x, const float *mean, const float *a, const float *bias,
                           float *block, long r0, long r1, int channels) {
@@ -128,6 +87,64 @@ static void gradient_sums(const float *dy, const float *x, const float *mean, co
             v_storem(block + channels + c, valid, v_fmadd(g, xc, v_loadz(valid, block + channels + c)));
         }
     }
+}
+
+/* The two per-channel sums each direction needs, over all rows, split over `threads` (float per block
+ * of BLOCK_ROWS rows, then double): of x - shift and its square where `dy` is NULL (the forward;
+ * `center` is the shift), else of g and g * (x - mean) (the backward; `center` is the mean). Returns
+ * the 2 x channels totals (the caller frees them), or NULL if a buffer could not be allocated. */
+static double *channel_sums(const float *dy, const float *x, const float *center, const float *a,
+                            const float *bias, long rows, int channels, int threads) {
+    double *totals = calloc((size_t)threads * 2 * channels, sizeof(double));
+    if (!totals) return 0;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        long first = rows * t / count, end = rows * (t + 1) / count;
+        float *block = calloc((size_t)2 * channels, sizeof(float));
+        if (!block) failed = 1;
+        for (long r0 = first; r0 < end && block; r0 += BLOCK_ROWS) {
+            long r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
+            if (dy)
+                gradient_sums(dy, x, center, a, bias, block, r0, r1, channels);
+            else
+                shifted_sums(x, center, block, r0, r1, channels);
+            flush(block, totals + (long)t * 2 * channels, channels);
+        }
+        free(block);
+    }
+    if (failed) return free(totals), (double *)0;
+    combine(totals, threads, channels);
+    return totals;
+}
+
+/* x, y: rows x channels; weight, bias: channels; writes mean, var (biased) and invstd (channels each).
+ * 0 on success, 1 if a buffer could not be allocated. */
+int sret_batch_norm_relu(const float *x, const float *weight, const float *bias, float *y, float *mean,
+                         float *var, float *invstd, long rows, int channels, float eps, int threads) {
+    if (threads < 1) threads = 1;
+    float *shift = malloc((size_t)2 * channels * sizeof(float));
+    if (!shift) return 1;
+    float *a = shift + channels;
+    for (int c = 0; c < channels; c++) shift[c] = isfinite(x[c]) ? x[c] : 0.f;
+    double *totals = channel_sums(0, x, shift, 0, 0, rows, channels, threads);
+    if (totals) {
+        for (int c = 0; c < channels; c++) {
+            double m1 = totals[c] / rows, v = totals[channels + c] / rows - m1 * m1;
+            mean[c] = (float)(shift[c] + m1), var[c] = (float)(v < 0. ? 0. : v); /* NaN stays NaN */
+            invstd[c] = (float)(1. / sqrt((double)var[c] + eps));
+        }
+        scale(weight, invstd, a, channels);
+#pragma omp parallel num_threads(threads)
+        {
+            int t = omp_get_thread_num(), count = omp_get_num_threads();
+            normalise_relu(x, mean, a, bias, y, rows * t / count, rows * (t + 1) / count, channels);
+        }
+    }
+    int failed = !totals;
+    free(totals), free(shift);
+    return failed;
 }
 
 /* dx = g * a + xc * k + m, with k and m per channel (see the top). */
@@ -152,27 +169,12 @@ int sret_batch_norm_relu_backward(const float *dy, const float *x, const float *
                                   const float *mean, const float *invstd, float *dx, float *dweight,
                                   float *dbias, long rows, int channels, int threads) {
     if (threads < 1) threads = 1;
-    double *totals = calloc((size_t)threads * 2 * channels, sizeof(double));
     float *a = malloc((size_t)3 * channels * sizeof(float));
-    if (!totals || !a) return free(totals), free(a), 1;
+    if (!a) return 1;
     float *k = a + channels, *m = k + channels;
     scale(weight, invstd, a, channels);
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        int t = omp_get_thread_num(), count = omp_get_num_threads();
-        long first = rows * t / count, end = rows * (t + 1) / count;
-        float *block = calloc((size_t)2 * channels, sizeof(float));
-        if (!block) failed = 1;
-        for (long r0 = first; r0 < end && block; r0 += BLOCK_ROWS) {
-            long r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
-            gradient_sums(dy, x, mean, a, bias, block, r0, r1, channels);
-            flush(block, totals + (long)t * 2 * channels, channels);
-        }
-        free(block);
-    }
-    if (!failed) {
-        combine(totals, threads, channels);
+    double *totals = channel_sums(dy, x, mean, a, bias, rows, channels, threads);
+    if (totals) {
         for (int c = 0; c < channels; c++) {
             double sum = totals[c], dot = totals[channels + c], s = invstd[c];
             dbias[c] = (float)sum, dweight[c] = (float)(dot * s);
@@ -184,6 +186,7 @@ int sret_batch_norm_relu_backward(const float *dy, const float *x, const float *
             input_gradient(dy, x, mean, a, bias, k, m, dx, rows * t / count, rows * (t + 1) / count, channels);
         }
     }
+    int failed = !totals;
     free(totals), free(a);
     return failed;
 }
