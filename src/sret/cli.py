@@ -15,6 +15,7 @@ app = typer.Typer(
 
 
 LOOPS_HELP = "Loops per block: one count for every stage, or one per stage (3 or 3,2,2)."
+EXIT_CONFIDENCE_HELP = "Early exit: run each image at 1, 2, ... loops until its top probability reaches this."
 
 
 @app.command("models")
@@ -345,11 +346,7 @@ def eval_cmd(
     ),
     loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
     exit_confidence: float | None = typer.Option(
-        None,
-        "--exit-confidence",
-        min=0.0,
-        max=1.0,
-        help="Early exit: run each image at 1, 2, ... loops until its top probability reaches this.",
+        None, "--exit-confidence", min=0.0, max=1.0, help=EXIT_CONFIDENCE_HELP
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
@@ -420,11 +417,7 @@ def predict_cmd(
     ),
     loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
     exit_confidence: float | None = typer.Option(
-        None,
-        "--exit-confidence",
-        min=0.0,
-        max=1.0,
-        help="Early exit: run each image at 1, 2, ... loops until its top probability reaches this.",
+        None, "--exit-confidence", min=0.0, max=1.0, help=EXIT_CONFIDENCE_HELP
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON: {image: {class: probability}}, null for a skipped image."
