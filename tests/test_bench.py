@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -265,3 +268,33 @@ def test_bench_compares_sret_with_its_plain_modules() -> None:
     doc = run_benchmark(entries, cfg)
     assert any(c["what"] == "sret_nano images/s / sret_nano plain images/s" for c in doc["comparisons"])
     assert kernels.active(torch.empty(0))  # the plain step switched them off only inside itself
+
+
+def _cpu_calls():
+    """benchmarks/cpu_calls.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_calls.py"
+    spec = importlib.util.spec_from_file_location("cpu_calls", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_calls_reads_the_shapes_the_step_runs() -> None:
+    stages = _cpu_calls().stage_shapes(timm.create_model("sret_t"), batch=2)
+    assert [s["rows"] for s in stages] == [2 * 784, 2 * 196, 2 * 49]
+    assert stages[0]["linears"] == [(64, 64), (64, 192), (64, 232), (232, 64)]  # fc1 230 padded to 232
+    assert [s["attention"] for s in stages] == [[(2, 392), (8, 98)], [(1, 196), (4, 49)], [(1, 49)]]
+    assert [s["fc1"] for s in stages] == [[232], [464], [928]]
+
+
+def test_cpu_calls_writes_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "calls.json"
+    argv = ["cpu_calls.py", "--model", "sret_nano", "--batch", "2", "--repeats", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    _cpu_calls().main()
+    result = json.loads(out.read_text())
+    assert result["model"] == "sret_nano" and result["matmul_peak_gflops"] > 0
+    assert result["products"] and result["gelu_epilogue"] and len(result["stem"]) == 3
+    assert all(row["forward_ms"] > 0 for row in result["products"] + result["stem"])
+    assert result["stem"][0]["input_grad_ms"] is None  # the image needs no gradient
+    assert bool(result["attention"]) == (native.library() is not None)
