@@ -74,15 +74,22 @@ static void normalise_relu(const float *x, const float *mean, const float *a, co
     }
 }
 
+/* g, the gradient through ReLU at (row r, channels c...), and xc = x - mean there (see the top): ReLU's
+ * mask recomputed by the forward's arithmetic, one place for both backward passes. */
+static inline vec relu_gradient(const float *dy, const float *x, const float *mean, const float *a,
+                                const float *bias, long r, int c, int channels, vmask valid, vec *xc) {
+    *xc = v_sub(v_loadz(valid, x + r * channels + c), v_loadz(valid, mean + c));
+    vec z = normalised(*xc, a + c, bias + c, valid);
+    return v_maskz(v_not_le(z, v_zero()), v_loadz(valid, dy + r * channels + c));
+}
+
 /* Per-channel sums of g and g * (x - mean), g the gradient through ReLU (see the top). */
 static void gradient_sums(const float *dy, const float *x, const float *mean, const float *a, const float *bias,
                           float *block, long r0, long r1, int channels) {
     for (long r = r0; r < r1; r++) {
         for (int c = 0; c < channels; c += VL) {
             vmask valid = v_first(channels - c);
-            vec xc = v_sub(v_loadz(valid, x + r * channels + c), v_loadz(valid, mean + c));
-            vec z = normalised(xc, a + c, bias + c, valid);
-            vec g = v_maskz(v_not_le(z, v_zero()), v_loadz(valid, dy + r * channels + c));
+            vec xc, g = relu_gradient(dy, x, mean, a, bias, r, c, channels, valid, &xc);
             v_storem(block + c, valid, v_add(v_loadz(valid, block + c), g));
             v_storem(block + channels + c, valid, v_fmadd(g, xc, v_loadz(valid, block + channels + c)));
         }
@@ -153,9 +160,7 @@ static void input_gradient(const float *dy, const float *x, const float *mean, c
     for (long r = r0; r < r1; r++) {
         for (int c = 0; c < channels; c += VL) {
             vmask valid = v_first(channels - c);
-            vec xc = v_sub(v_loadz(valid, x + r * channels + c), v_loadz(valid, mean + c));
-            vec z = normalised(xc, a + c, bias + c, valid);
-            vec g = v_maskz(v_not_le(z, v_zero()), v_loadz(valid, dy + r * channels + c));
+            vec xc, g = relu_gradient(dy, x, mean, a, bias, r, c, channels, valid, &xc);
             vec out = v_fmadd(g, v_loadz(valid, a + c), v_fmadd(xc, v_loadz(valid, k + c), v_loadz(valid, m + c)));
             v_storem(dx + r * channels + c, valid, out);
         }
