@@ -7,7 +7,7 @@
  * reduction pass and a pass writing another). The stem's activations are the largest tensors of the
  * model, so each pass is a trip to memory, and each new tensor that size is fresh pages for the
  * kernel to fault in. Here the forward reads x twice and writes y once; the backward reads the
- * gradient and x twice and writes the input gradient over the incoming one, with ReLU's mask
+ * gradient and x twice and writes the input gradient once, into one new tensor, with ReLU's mask
  * recomputed from x by the forward's own arithmetic (so it is the forward's mask, bit for bit).
  *
  * Statistics: per channel, sums of d = x - s and d * d, where s is the channel's value in the first
