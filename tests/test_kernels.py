@@ -4,6 +4,9 @@ the operators as tools see them (FlopCounterMode, FakeTensorMode, torch.func, to
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +30,9 @@ from sret.model import (
 )
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX2 CPU or no C compiler here")
+# The bf16 fast paths run only where oneDNN has bf16 kernels (AVX-512 CPUs); elsewhere bf16 autocast
+# runs the plain modules, which test_bf16_autocast_without_onednn_bf16_runs_the_plain_modules checks.
+needs_onednn_bf16 = pytest.mark.skipif(not onednn.ONEDNN_BF16, reason="needs oneDNN's bf16 kernels (AVX-512)")
 
 
 def tiny_cfg(**kw) -> SReTConfig:
@@ -349,6 +355,7 @@ def test_model_in_bf16_is_as_close_to_fp32_as_autocast_is() -> None:
 
 
 @needs_native
+@needs_onednn_bf16
 def test_bf16_layer_norm_writes_bf16_with_torch_gradients() -> None:
     """Under bf16 autocast the model's LayerNorms write bf16 (what the next product casts to anyway):
     the value within one bf16 rounding of fp32 LayerNorm, the gradients torch's LayerNorm backward
@@ -442,6 +449,7 @@ def test_amx_attention_forward_is_within_bf16_rounding_of_the_fp32_kernel() -> N
     assert out[0, 3].isnan().all() and not out[0, [i for i in range(20) if i != 3]].isnan().any()
 
 
+@needs_onednn_bf16
 def test_pooling_stays_fp32_under_bf16_autocast() -> None:
     """The depthwise pooling convolution runs in fp32 under bf16 autocast (its fp32 kernels are the
     faster ones): the fp32 result and gradients exactly, and an fp32 output for the fp32 stream."""
@@ -600,3 +608,31 @@ def test_torch_func_grad_through_the_kernels_equals_autograd() -> None:
         model(x).square().sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_without_onednn_bf16_runs_the_plain_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2 only), bf16 autocast leaves every fast path to
+    the plain modules: autocast's own dtypes (fp32 LayerNorm, bf16 pooling) and torch's values."""
+    monkeypatch.setattr(onednn, "ONEDNN_BF16", False)
+    torch.manual_seed(0)
+    norm, pool = sret.model.LayerNorm(48, eps=1e-6), ConvPool(8, 16)
+    x, image = torch.randn(2, 9, 48), torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.precision() is None and not kernels.active(x)
+        y, pooled = norm(x), pool(image)
+        ref_y, ref_pooled = F.layer_norm(x, (48,), norm.weight, norm.bias, 1e-6), pool.conv(image)
+    assert y.dtype == ref_y.dtype == torch.float32 and torch.equal(y, ref_y)
+    assert pooled.dtype == ref_pooled.dtype == torch.bfloat16 and torch.equal(pooled, ref_pooled)
+
+
+@pytest.mark.skipif(native.isa() != "AVX512", reason="checks the AVX2 build from an AVX-512 CPU")
+def test_kernel_tests_pass_held_to_avx2() -> None:
+    """This file's tests in a process where torch runs at AVX2 (`ATEN_CPU_CAPABILITY=avx2`), as on an
+    AVX2-only CPU: the kernels built for AVX2 and every selection that follows the capability."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not held_to_avx2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout, done.stdout[-500:]
