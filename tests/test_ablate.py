@@ -25,7 +25,7 @@ TINY_SET = dict(epochs=1, train_subset=64, val_subset=32, batch_size=32, warmup_
 
 
 def write_grid(tmp_path: Path, variants: dict, **extra) -> Path:
-    spec = dict(recipe="digits", set=TINY_SET, seeds=1, variants=variants, **extra)
+    spec = dict(recipe="digits", set=TINY_SET, variants=variants, **{"seeds": 1, **extra})
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -102,7 +102,9 @@ def test_a_small_grid_writes_table_csv_json_and_plot_then_a_rerun_skips_it(tmp_p
     out = tmp_path / "out"
     table = (out / "summary.md").read_text()
     assert "| plain | 1 |" in table and "| sret | 1 |" in table
-    assert "| sret | plain | 1 | – | – | too few seeds |" in table  # one seed: no test
+    assert "| sret | plain | 1 | – | – | – | – | too few seeds |" in table  # one seed: no test
+    assert "Partial" not in table and json.loads((out / "summary.json").read_text())["complete"]
+    assert (out / "curves.png").stat().st_size > 10_000
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["variant"] for r in rows] == ["plain", "sret"]
     plain, sret = rows
@@ -253,3 +255,56 @@ def test_a_cell_starts_from_the_weights_an_earlier_grid_made_for_its_seed(tmp_pa
     config = yaml.safe_load((tmp_path / "second" / "out" / "cells" / "tuned-s0" / "config.yaml").read_text())
     assert config["checkpoint"].endswith("first/cells/source-s0/last.safetensors")
     assert [s["loops"] for s in config["model_args"]["stages"]] == [1, 1, 1]  # the source's architecture
+
+
+def test_paired_differences_have_t_intervals_and_holm_corrected_p_values() -> None:
+    from sret.ablate import holm, paired_difference
+
+    row = paired_difference([0.01, 0.02, 0.03])
+    half = 4.302652729911275 * 0.01 / 3**0.5  # t(0.975, 2 df) * sd / sqrt(n)
+    assert row["difference"] == pytest.approx(0.02)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.02 - half, 0.02 + half))
+    # t = 0.02 / (0.01 / sqrt 3) = sqrt 12 on 2 df: two-sided p = 1 - t / sqrt(t^2 + 2) = 1 - sqrt(12 / 14)
+    assert row["p_value"] == pytest.approx(1 - (12 / 14) ** 0.5)
+    assert paired_difference([0.02, 0.02]) == dict(difference=0.02, ci_low=0.02, ci_high=0.02, p_value=0.0)
+    assert all(x != x for x in paired_difference([0.5]).values())  # one seed: nothing to say
+    # Holm: the smallest p times 3, the next times 2 (never below the one before), the last times 1
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([float("nan"), 0.02, 0.5])  # a pair without seeds is not in the family
+    assert adjusted[0] != adjusted[0] and adjusted[1:] == pytest.approx([0.04, 0.5])
+
+
+def test_variants_run_their_own_seeds_compared_cells_first_and_a_partial_summary_says_so(
+    tmp_path: Path,
+) -> None:
+    from sret.ablate import pending, plan, write_summary
+
+    path = write_grid(
+        tmp_path,
+        {"long": {"loops": 1, "seeds": 1, "set": {"epochs": 2}}, "a": {"loops": 1, "seeds": 3}, "b": {}},
+        compare=[["a", "b"]],
+        seeds=2,
+    )
+    grid = load_grid(str(path))
+    assert [c.name for c in grid.cells] == ["a-s0", "b-s0", "a-s1", "b-s1", "a-s2", "long-s0"]
+    table = plan(grid)
+    assert "| a | 3 | 1 |" in table and "| long | 1 | 2 |" in table and "| b | 2 | 1 |" in table
+    done = [dict(cell=f"{v}-s{s}", variant=v, seed=s, status="ok", best_acc1=0.5 + s / 100 + (v == "a") / 10,
+                 final_acc1=0.5, params=10, macs=20, img_per_s=1.0, train_s=1.0, wall_s=1.0, curve=[0.3, 0.5])
+            for v, s in (("a", 0), ("b", 0), ("a", 1), ("b", 1))]  # fmt: skip
+    cells = done + [pending(c) for c in grid.cells[4:]]
+    rows = write_summary(grid, cells, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("**Partial: 4 of 6 cells finished.**")
+    assert "| a | 2 of 3 |" in text and "| long | 0 of 1 |" in text and "failed" not in text
+    assert [r["failed"] for r in rows] == [0, 0, 0]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert not doc["complete"] and doc["cells_finished"] == 4 and doc["cells_total"] == 6
+    assert doc["comparisons"][0]["difference"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("seeds", [0, 1.5, "three", True])
+def test_a_variants_seed_count_must_be_a_whole_number(tmp_path: Path, seeds: object) -> None:
+    path = write_grid(tmp_path, {"a": {"loops": 1, "seeds": seeds}})
+    with pytest.raises(UserError, match=r"variant 'a': seeds must be a whole number >= 1"):
+        load_grid(str(path))

@@ -19,6 +19,12 @@ summary (per variant: mean ± std over seeds of best and final top-1, parameters
 images/s, time) is written as Markdown, CSV and JSON, with a plot of accuracy against MACs and
 against parameters.
 
+A variant may run its own number of seeds (`seeds:` beside its overrides, e.g. a one-seed check at
+twice the epochs). `compare:` registers the (variant, reference) pairs to test before any cell runs;
+their cells run first, seed by seed, and the summary gives each pair's paired difference over the
+shared seeds with a 95 % confidence interval and a Holm-corrected p-value. A grid whose cells have not
+all finished still writes its summary, marked partial.
+
 In a training setting, `{seed}` stands for the cell's seed and `{out}` for the grid's output folder,
 so a cell can start from the weights an earlier grid (or step) made for the same seed::
 
@@ -51,7 +57,7 @@ from sret.checkpoint import create_model
 from sret.evaluate import load_trained
 from sret.info import count_macs
 from sret.io import UserError, atomic_write, read_mapping
-from sret.plots import plot_ablation
+from sret.plots import plot_ablation, plot_learning_curves
 from sret.runtime import die_with_parent
 from sret.train import TrainConfig, load_recipe, resolve_config
 from sret.variants import resolve_overrides
@@ -85,6 +91,7 @@ class Variant:
     overrides: dict[str, Any]  # as the grid wrote them
     model_args: dict[str, Any]  # resolved: what the cells' `model_args` hold
     settings: dict[str, Any] = field(default_factory=dict)  # the variant's own training options (`set:`)
+    seeds: int | None = None  # the variant's own seed count (else the grid's)
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,18 @@ class Grid:
     compare: list[tuple[str, str]] = field(default_factory=list)  # (variant, reference) pairs to test
     configs: dict[str, TrainConfig] = field(default_factory=dict, repr=False)  # by variant, seed 0
 
+    def seeds_of(self, variant: Variant) -> int:
+        return variant.seeds if variant.seeds is not None else self.seeds
+
     @property
     def cells(self) -> list[Cell]:
-        """Seed-major order: every variant's first seed finishes before any second seed starts."""
-        return [Cell(v, s) for s in range(self.seeds) for v in self.variants]
+        """Seed-major order: every variant's first seed finishes before any second seed starts, and the
+        compared variants' cells (the registered questions) before the others'."""
+        compared = {name for pair in self.compare for name in pair}
+        order = sorted(self.variants, key=lambda v: v.name not in compared)  # stable: grid order within
+        most = max(self.seeds_of(v) for v in self.variants)
+        return [Cell(v, s) for first in (True, False) for s in range(most) for v in order
+                if (v.name in compared or not compared) == first and s < self.seeds_of(v)]  # fmt: skip
 
     def fingerprint(self) -> str:
         """What makes the cells' results comparable: recipe, settings and variants (not paths)."""
@@ -213,6 +228,9 @@ def _variant(grid: Grid, name: str, overrides: Any) -> Variant:
         raise UserError(
             f"{where}: `set:` must be a mapping of training options other than {', '.join(OWNED)}"
         )
+    seeds = overrides.pop("seeds", None)
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise UserError(f"{where}: seeds must be a whole number >= 1, got {seeds!r}")
     try:
         model_args = resolve_overrides(grid.model, grid.base, overrides)
         cfg = resolve_config(
@@ -222,7 +240,24 @@ def _variant(grid: Grid, name: str, overrides: Any) -> Variant:
     except (UserError, ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
     grid.configs[name] = cfg
-    return Variant(name, overrides, model_args, settings)
+    return Variant(name, overrides, model_args, settings, seeds)
+
+
+def plan(grid: Grid, num_classes: int = 10) -> str:
+    """What the grid will train, before any cell runs: per variant its seeds, epochs, parameters (with
+    a `num_classes` head; the data decides the real one) and MACs per image."""
+    lines = [
+        f"| variant | seeds | epochs | params ({num_classes}-class head) | MMACs |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for variant in grid.variants:
+        cfg = grid.configs[variant.name]
+        model = create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes, **variant.model_args)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        macs = count_macs(model, cfg.img_size) / 1e6
+        seeds = grid.seeds_of(variant)
+        lines.append(f"| {variant.name} | {seeds} | {cfg.epochs} | {params:.3f} M | {macs:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +339,7 @@ def summarise_cell(grid: Grid, cell: Cell, layout: Layout, wall_s: float) -> dic
         img_per_s=statistics.fmean(r["img_per_s"] for r in rows),
         train_s=sum(r["time_s"] for r in rows),
         wall_s=wall_s,
+        curve=[r["val_acc1"] for r in rows],  # validation top-1 per epoch: the grid's learning curves
     )
 
 
@@ -374,7 +410,7 @@ def run_grid(
             f"({done} already finished), {jobs} at a time, {threads} thread(s) each; output in {layout.out}"
         )
         Scheduler(grid, layout, todo, jobs, threads, log, done).run()
-        results = [read_result(layout.result(c)) or missing(c) for c in grid.cells]
+        results = [read_result(layout.result(c)) or pending(c) for c in grid.cells]
         write_summary(grid, results, layout.out)
     return results
 
@@ -383,6 +419,11 @@ def missing(cell: Cell) -> dict[str, Any]:
     return dict(
         cell=cell.name, variant=cell.variant.name, seed=cell.seed, status="failed", error="did not run"
     )
+
+
+def pending(cell: Cell) -> dict[str, Any]:
+    """A cell that has not run yet (a partial grid): neither a result nor a failure."""
+    return dict(cell=cell.name, variant=cell.variant.name, seed=cell.seed, status="pending", error="")
 
 
 class Scheduler:
@@ -497,7 +538,7 @@ def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]
     for variant in grid.variants:
         mine = [r for r in results if r["variant"] == variant.name]
         ok = [r for r in mine if r["status"] == "ok"]
-        failed = [r for r in mine if r["status"] != "ok"]
+        failed = [r for r in mine if r["status"] == "failed"]
 
         def stats(key: str, cells: list[dict[str, Any]] = ok) -> tuple[float, float]:
             values = [c[key] for c in cells]
@@ -509,6 +550,7 @@ def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]
             dict(
                 variant=variant.name,
                 seeds=len(ok),
+                seeds_planned=grid.seeds_of(variant),
                 failed=len(failed),
                 params=ok[0]["params"] if ok else None,
                 macs=ok[0]["macs"] if ok else None,
@@ -527,12 +569,14 @@ def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def comparisons(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each `compare:` pair: the difference of mean best top-1 and a paired t-test over the seeds.
+    """Each `compare:` pair: the mean paired difference of best top-1, its 95 % confidence interval and
+    a paired t-test over the shared seeds, Holm-corrected over the grid's pairs.
 
     A seed fixes the data order (and the random streams) of both arms, so the test pairs the two
     cells of each seed: it asks whether the per-seed difference is consistently away from zero,
-    which seed-to-seed swings common to both arms do not blur. A difference is called real only at
-    p < 0.05; anything else is inside the noise of the grid's budget.
+    which seed-to-seed swings common to both arms do not blur. Testing several pairs at once raises
+    the chance that one looks real by luck; Holm's step-down correction keeps that chance at 5 % for
+    the whole family. A difference is called real only at a corrected p < 0.05.
     """
     out = []
     for variant, reference in grid.compare:
@@ -542,26 +586,52 @@ def comparisons(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any
         )
         seeds = sorted(set(a) & set(b))
         row = dict(variant=variant, reference=reference, seeds=len(seeds))
-        if len(seeds) < 2:
-            out.append({**row, "difference": math.nan, "p_value": math.nan, "verdict": "too few seeds"})
-            continue
-        pairs = [a[s] for s in seeds], [b[s] for s in seeds]
-        difference = statistics.fmean(pairs[0]) - statistics.fmean(pairs[1])
-        p = float(scipy.stats.ttest_rel(*pairs).pvalue)
-        if not math.isfinite(p):  # no spread at all in either arm
-            p = 0.0 if difference else 1.0
-        verdict = ("better" if difference > 0 else "worse") if p < 0.05 else "inside the noise"
-        out.append({**row, "difference": difference, "p_value": p, "verdict": verdict})
+        out.append({**row, **paired_difference([a[s] - b[s] for s in seeds])})
+    for row, p in zip(out, holm([r["p_value"] for r in out]), strict=True):
+        row["p_holm"] = p
+        if math.isnan(p):
+            row["verdict"] = "too few seeds"
+        else:
+            row["verdict"] = (
+                ("better" if row["difference"] > 0 else "worse") if p < 0.05 else "inside the noise"
+            )
     return out
 
 
+def paired_difference(differences: list[float]) -> dict[str, float]:
+    """Mean of per-seed differences, its 95 % t-interval and the two-sided one-sample t-test p-value."""
+    n = len(differences)
+    if n < 2:
+        return dict(difference=math.nan, ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    if sd == 0:  # identical differences: certain, or no difference at all
+        return dict(difference=mean, ci_low=mean, ci_high=mean, p_value=0.0 if mean else 1.0)
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    p = float(scipy.stats.ttest_1samp(differences, 0.0).pvalue)
+    return dict(difference=mean, ci_low=mean - half, ci_high=mean + half, p_value=p)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN, for a pair without enough seeds, stays NaN and is not
+    counted in the family)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def comparisons_table(rows: list[dict[str, Any]]) -> str:
-    header = "| variant | against | seeds | Δ best top-1 (points) | p (paired t) | reading |\n"
-    lines = [header + "|---|---|---|---:|---:|---|"]
+    header = "| variant | against | seeds | Δ best top-1 (points) | 95 % CI | p (paired t) | p (Holm) "
+    lines = [header + "| reading |\n|---|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
-        diff = "–" if math.isnan(r["difference"]) else f"{100 * r['difference']:+.2f}"
-        p = "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
-        lines.append(f"| {r['variant']} | {r['reference']} | {r['seeds']} | {diff} | {p} | {r['verdict']} |")
+        known = not math.isnan(r["difference"])
+        diff = f"{100 * r['difference']:+.2f}" if known else "–"
+        ci = f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]" if known else "–"
+        p, holm_p = ("–" if math.isnan(r[k]) else f"{r[k]:.3f}" for k in ("p_value", "p_holm"))
+        cells = (r["variant"], r["reference"], str(r["seeds"]), diff, ci, p, holm_p, r["verdict"])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -569,8 +639,12 @@ def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[
     """summary.md / .csv / .json, cells.csv (every cell) and ablation.png, each written atomically."""
     rows = summarise(grid, results)
     compared = comparisons(grid, results)
+    finished = sum(r["status"] == "ok" for r in results)
     doc = dict(
         grid=grid.path,
+        complete=finished == len(results),
+        cells_finished=finished,
+        cells_total=len(results),
         recipe=grid.recipe,
         model=grid.model,
         settings=grid.settings,
@@ -601,9 +675,13 @@ def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[
     )
     atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(to_csv(results, cell_fields)))
     text = markdown_table(rows) + ("\n" + comparisons_table(compared) if compared else "")
+    if finished < len(results):
+        text = f"**Partial: {finished} of {len(results)} cells finished.**\n\n" + text
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
     if any(r["seeds"] for r in rows):
-        plot_ablation(rows, out / "ablation.png", title=grid.description or Path(grid.path).stem)
+        title = grid.description or Path(grid.path).stem
+        plot_ablation(rows, out / "ablation.png", title=title)
+        plot_learning_curves(results, out / "curves.png", title=title)
     return rows
 
 
@@ -636,6 +714,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         )
         best = pct(r["best_acc1_mean"], r["best_acc1_std"])
         final = pct(r["final_acc1_mean"], r["final_acc1_std"])
-        cells = (r["variant"], str(r["seeds"]), *size, best, final, *timing, note)
+        seeds = (
+            str(r["seeds"]) if r["seeds"] == r["seeds_planned"] else f"{r['seeds']} of {r['seeds_planned']}"
+        )
+        cells = (r["variant"], seeds, *size, best, final, *timing, note)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -288,6 +288,9 @@ def ablate_cmd(
         None, "--out", help="Grid folder (default: ablations/GRID); rerun to resume."
     ),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a training option of every cell."),
+    show_plan: bool = typer.Option(
+        False, "--plan", help="Print each variant's seeds, epochs, parameters and MACs; train nothing."
+    ),
 ) -> None:
     """Train a grid of model variants x seeds with one recipe; tabulate mean ± std and plot them.
 
@@ -295,19 +298,24 @@ def ablate_cmd(
     """
     from pathlib import Path
 
-    from sret.ablate import load_grid, run_grid
+    from sret.ablate import load_grid, plan, run_grid
     from sret.io import UserError
     from sret.train import parse_sets
 
     try:
         spec = load_grid(grid, seeds, data_dir, parse_sets(set_ or []))
+        if show_plan:
+            typer.echo(plan(spec))
+            return
         folder = Path(out) if out else Path("ablations") / Path(spec.path).stem
         run_grid(spec, folder, jobs, threads, log=lambda msg: typer.echo(msg, err=True))
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    typer.echo(f"wrote {folder / 'summary.md'}, summary.csv, summary.json, cells.csv and ablation.png")
+    typer.echo(
+        f"wrote {folder / 'summary.md'}, summary.csv, summary.json, cells.csv, ablation.png, curves.png"
+    )
     typer.echo((folder / "summary.md").read_text())
 
 

@@ -18,6 +18,7 @@ then the pretrained configs and registered constructors.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -161,6 +162,8 @@ class SReTConfig:
         residual_coefficients: learnable scalars on skip and branch of every residual (the paper);
             off gives plain `x + branch(x)`.
         stem: 'conv' (three 3x3 stride-2 convs, stride 8) or 'patch' (one patchify conv, ViT/DeiT style).
+        stem_stride: downsampling of the conv stem, 8 (the paper), 4 or 2: the last one or two convs run
+            at stride 1, so small images (CIFAR's 32 px) keep enough tokens for the stages.
         shuffle: token permutation of permuted loops. 'random' draws a fresh permutation per application
             while training (the paper); 'fixed' uses a stored seeded permutation per application; 'none'
             keeps row-major order.
@@ -183,6 +186,7 @@ class SReTConfig:
     nll: NLLSharing = "application"
     residual_coefficients: bool = True
     stem: Literal["conv", "patch"] = "conv"
+    stem_stride: Literal[2, 4, 8] = 8
     patch_size: int = 16
     img_size: int | tuple[int, int] = 224
     in_chans: int = 3
@@ -219,6 +223,8 @@ class SReTConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.stem_stride not in (2, 4, 8):
+            raise ValueError(f"stem_stride must be 2, 4 or 8, got {self.stem_stride!r}")
         if self.stem == "conv" and self.stages[0].dim % 2:
             raise ValueError(
                 f"the conv stem halves the first stage dim, which must be even ({self.stages[0].dim})"
@@ -255,7 +261,7 @@ class SReTConfig:
     @property
     def stride(self) -> int:
         """Downsampling of the stem."""
-        return 8 if self.stem == "conv" else self.patch_size
+        return self.stem_stride if self.stem == "conv" else self.patch_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,24 +610,28 @@ class LoopAdapter(nn.Module):
 # --------------------------------------------------------------------------------------------------
 @register_notrace_module  # an FX leaf: its kernel choice reads the input's dtype and mode
 class ConvStem(nn.Module):
-    """Three 3x3 stride-2 conv-BN-ReLU layers: in_chans -> dim/2 -> dim -> dim, stride 8.
+    """Three 3x3 conv-BN-ReLU layers: in_chans -> dim/2 -> dim -> dim, stride 8 (each conv stride 2).
 
-    Runs channels-last: the convolutions are faster that way on CPU, and the tokens of the first
-    stage are then a free view of the output.
+    At stride 4 or 2 the last one or two convs keep stride 1. Runs channels-last: the convolutions
+    are faster that way on CPU, and the tokens of the first stage are then a free view of the output.
     """
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    def __init__(self, in_chans: int, dim: int, stride: int = 8) -> None:
         super().__init__()
         chans = (in_chans, dim // 2, dim, dim)
+        strides = (2, 2, 2) if stride == 8 else (2, 2, 1) if stride == 4 else (2, 1, 1)
         for i in range(3):
-            self.add_module(f"conv{i + 1}", nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
+            conv = nn.Conv2d(chans[i], chans[i + 1], 3, stride=strides[i], padding=1)
+            self.add_module(f"conv{i + 1}", conv)
             self.add_module(f"bn{i + 1}", nn.BatchNorm2d(chans[i + 1]))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not (self.training or torch.is_grad_enabled()) and kernels.active(x):
-            return kernels.conv_bn_relu(x, layers)
+            for _, run in itertools.groupby(layers, key=lambda layer: layer[0].stride):
+                x = kernels.conv_bn_relu(x, tuple(run))  # one call per run of equal strides
+            return x
         for conv, bn in layers:
             x = conv(x)
             if self.training and kernels.active(x):
@@ -749,6 +759,13 @@ def _halve(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
+def _stem_grid(size: int, stride: int) -> int:
+    """Output size of the conv stem: one halving per stride-2 conv."""
+    for _ in range(stride.bit_length() - 1):
+        size = _halve(size)
+    return size
+
+
 class SReT(nn.Module):
     """Sliced Recursive Transformer with the timm model API.
 
@@ -775,8 +792,8 @@ class SReT(nn.Module):
 
         dim0 = cfg.stages[0].dim
         if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.in_chans, dim0)
-            grid = tuple(_halve(_halve(_halve(s))) for s in self.img_size)
+            self.patch_embed = ConvStem(cfg.in_chans, dim0, cfg.stem_stride)
+            grid = tuple(_stem_grid(s, cfg.stem_stride) for s in self.img_size)
         else:
             self.patch_embed = PatchEmbed(
                 self.img_size, cfg.patch_size, cfg.in_chans, dim0, flatten=False, strict_img_size=False

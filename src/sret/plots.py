@@ -57,6 +57,37 @@ def plot_ablation(rows: list[dict[str, Any]], path: Path, title: str = "") -> No
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
+def plot_learning_curves(cells: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Validation top-1 per epoch of a grid's variants: the mean over finished seeds, with a band of
+    ± one standard deviation where there are two or more."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    curves: dict[str, list[list[float]]] = {}
+    for cell in cells:
+        if cell.get("status") == "ok" and cell.get("curve"):
+            curves.setdefault(cell["variant"], []).append(cell["curve"])
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for i, (variant, runs) in enumerate(curves.items()):
+        length = min(len(run) for run in runs)
+        values = 100 * np.array([run[:length] for run in runs])
+        epochs, mean = np.arange(1, length + 1), values.mean(axis=0)
+        ax.plot(
+            epochs, mean, color=f"C{i % 10}", label=f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        )
+        if len(runs) > 1:
+            std = values.std(axis=0, ddof=1)
+            ax.fill_between(epochs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 % (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
 class MetricsLog:
     """Keeps `metrics.jsonl`, `curves.png` and TensorBoard in step with the run's history.
 
