@@ -96,6 +96,34 @@ def test_training_skips_bad_images_end_to_end(tmp_path: Path) -> None:
         train(strict)
 
 
+def test_cached_image_folder_reads_each_file_once_and_gives_the_same_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cache_images` keeps decoded images in memory: later epochs open no file, and every item is the
+    one the uncached folder gives (a cached image is never changed by the transforms)."""
+    import sret.data
+    from sret.data import Augment
+
+    root = _image_folder(tmp_path, corrupt=False)
+    plain = build_datasets("imagefolder", root)
+    opened: list[str] = []
+    real_open = sret.data.Image.open
+    monkeypatch.setattr(sret.data.Image, "open", lambda path, *a: opened.append(path) or real_open(path, *a))
+    for augment in (Augment(enabled=False), Augment(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)):
+        opened.clear()
+        cached = build_datasets("imagefolder", root, augment=augment, cache_images=True)
+        for _ in range(3):  # three epochs
+            items = [cached.train[i] for i in range(len(cached.train))]
+            items += [cached.val[i] for i in range(len(cached.val))]
+        assert sorted(opened) == sorted(set(opened)) and len(opened) == 12  # each of 12 files once
+    torch.manual_seed(0)
+    cached = build_datasets("imagefolder", root, cache_images=True)
+    first = [cached.val[i] for i in range(len(cached.val))]
+    again = [cached.val[i] for i in range(len(cached.val))] + [plain.val[i] for i in range(len(plain.val))]
+    for (x, y), (u, v) in zip(first * 2, again, strict=True):
+        assert torch.equal(x, u) and y == v
+
+
 def test_a_run_stopped_by_a_bad_image_resumes_with_skip_bad_images(tmp_path: Path) -> None:
     """`--resume` keeps the run's config, except where and how it runs: it may add --skip-bad-images,
     and refuses what would make another run (--epochs, --set ...) in one line."""
@@ -122,7 +150,7 @@ def test_a_run_stopped_by_a_bad_image_resumes_with_skip_bad_images(tmp_path: Pat
     run = tmp_path / "runs" / "r"
     refused = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "2", "--set", "lr=1"])
     assert refused.exit_code == 1 and refused.stderr.count("\n") == 1
-    assert "not epochs, set" in refused.stderr
+    assert "not epochs, lr" in refused.stderr
     with pytest.warns(UserWarning, match=r"broken\.png"):
         resumed = CliRunner().invoke(app, ["train", "--resume", str(run), "--skip-bad-images"])
     assert resumed.exit_code == 0, resumed.output

@@ -83,6 +83,7 @@ SUMMARY_FIELDS = (
     "error",
 )
 TIME_FIELDS = ("img_per_s", "train_s", "wall_s")  # differ between identical runs
+RUN_ONLY = ("data_dir", "workers", "cache_images")  # where and how cells read data, not what they learn
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class Grid:
         spec = dict(
             recipe=self.recipe,
             model=self.model,
-            settings={k: v for k, v in self.settings.items() if k not in ("data_dir", "workers")},
+            settings={k: v for k, v in self.settings.items() if k not in RUN_ONLY},
             variants={
                 v.name: [v.model_args, v.settings] if v.settings else v.model_args for v in self.variants
             },
@@ -285,12 +286,8 @@ def cell_command(grid: Grid, cell: Cell, layout: Layout, threads: int) -> list[s
     base = [sys.executable, "-m", "sret", "train"]
     run_dir = layout.run_dir(cell)
     if (run_dir / "config.yaml").is_file():
-        moved = [
-            f"--{k.replace('_', '-')}={grid.settings[k]}"
-            for k in ("data_dir", "workers")
-            if k in grid.settings
-        ]
-        return [*base, "--resume", str(run_dir), *moved]
+        moved = [f"{k}={json.dumps(grid.settings[k])}" for k in RUN_ONLY if k in grid.settings]
+        return [*base, "--resume", str(run_dir), *(arg for item in moved for arg in ("--set", item))]
     settings = {**grid.settings, **cell.variant.settings}
     options = {
         **{k: fill_placeholders(v, cell, layout) for k, v in settings.items()},

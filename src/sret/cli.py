@@ -233,7 +233,7 @@ def train_cmd(
     Under `torchrun --nproc_per_node=N -m sret train ...` it trains with DistributedDataParallel.
     """
     from sret.io import UserError
-    from sret.train import resolve_config, train
+    from sret.train import parse_sets, resolve_config, train
 
     try:
         if resume is not None:  # the options set beside it, by their config names
@@ -242,6 +242,7 @@ def train_cmd(
                 for p in ctx.command.params
                 if p.name != "resume" and ctx.params[p.name] not in (p.default, None, [], ())
             }
+            given.update(parse_sets(given.pop("set", [])))  # `--set key=value` beside --resume too
             train(resume=resume, resume_settings=given)
             return
         cfg = resolve_config(

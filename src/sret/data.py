@@ -135,12 +135,26 @@ class DataSplits:
 
 
 class RGBLoader:
-    """A PIL loader that names the file it cannot read (a class, so worker processes can pickle it)."""
+    """A PIL loader that names the file it cannot read (a class, so worker processes can pickle it).
 
-    def __init__(self, strict: bool) -> None:
+    With `cache`, each decoded image is kept in memory and served from there on later epochs: for small
+    images (CIFAR's 32 px) opening and decoding the file costs as much as augmenting it. The transforms
+    return new images, so a cached one is never changed. Each loader process keeps its own cache.
+    """
+
+    def __init__(self, strict: bool, cache: bool = False) -> None:
         self.strict = strict
+        self.cache: dict[str, Image.Image] | None = {} if cache else None
 
     def __call__(self, path: str) -> Image.Image:
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
+        image = self.read(path)
+        if self.cache is not None:
+            self.cache[path] = image
+        return image
+
+    def read(self, path: str) -> Image.Image:
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
@@ -172,12 +186,14 @@ class SkippingImageFolder(Dataset):
     integer so data-loader workers report them to the main process.
     """
 
-    def __init__(self, root: Path, transform: Callable, counter: Any, validation: bool) -> None:
+    def __init__(
+        self, root: Path, transform: Callable, counter: Any, validation: bool, cache: bool = False
+    ) -> None:
         from torchvision.datasets import ImageFolder
 
         self.validation = validation
         self.skipped = counter
-        self.folder = ImageFolder(str(root), transform=transform, loader=RGBLoader(strict=False))
+        self.folder = ImageFolder(str(root), transform=transform, loader=RGBLoader(False, cache))
         self.classes = self.folder.classes
 
     def __len__(self) -> int:
@@ -240,13 +256,13 @@ def failed_transform(error: BaseException) -> str:
     return name
 
 
-def _folder(root: Path, transform: Callable, counter: Any, validation: bool) -> Dataset:
+def _folder(root: Path, transform: Callable, counter: Any, validation: bool, cache: bool) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     try:
         if counter is not None:
-            return SkippingImageFolder(root, transform, counter, validation)
-        return ImageFolder(str(root), transform=transform, loader=RGBLoader(strict=True))
+            return SkippingImageFolder(root, transform, counter, validation, cache)
+        return ImageFolder(str(root), transform=transform, loader=RGBLoader(True, cache))
     except FileNotFoundError as e:  # torchvision: no class folders or no images
         raise UserError(f"{root}: {e}") from None
 
@@ -345,8 +361,10 @@ def build_datasets(
     val_fraction: float = 0.2,
     seed: int = 0,
     skip_bad_images: bool = False,
+    cache_images: bool = False,
 ) -> DataSplits:
-    """Training and validation sets of a named data set (see `DATASETS`)."""
+    """Training and validation sets of a named data set (see `DATASETS`); an image folder's decoded
+    images kept in memory after their first read with `cache_images`."""
     pre = pre or Preprocess()
     augment = augment or Augment()
     if name == "digits":
@@ -363,8 +381,8 @@ def build_datasets(
         if not (root / split).is_dir():
             raise UserError(f"imagefolder needs {root / split} with one folder per class")
     counter = multiprocessing.Value("i", 0) if skip_bad_images else None
-    train = _folder(root / "train", train_tf, counter, validation=False)
-    val = _folder(root / "val", eval_tf, counter, validation=True)
+    train = _folder(root / "train", train_tf, counter, validation=False, cache=cache_images)
+    val = _folder(root / "val", eval_tf, counter, validation=True, cache=cache_images)
     if list(train.classes) != list(val.classes):
         raise UserError(f"class folders differ between {root / 'train'} and {root / 'val'}")
     return _named(DataSplits(train, val, list(train.classes), counter))

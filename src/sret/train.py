@@ -64,7 +64,7 @@ RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "last_state.pt"
 # Where and how a run executes, not what it computes: the settings `--resume` may change (a run moved to
 # another machine or data folder, or stopped by a corrupt image).
-RESUME_SETTINGS = ("data_dir", "device", "skip_bad_images", "workers")
+RESUME_SETTINGS = ("data_dir", "device", "skip_bad_images", "workers", "cache_images")
 TIME_KEYS = ("time_s", "img_per_s")  # the only metrics that differ between identical runs
 
 
@@ -89,6 +89,7 @@ class TrainConfig:
     train_subset: int | None = None
     val_subset: int | None = None
     skip_bad_images: bool = False
+    cache_images: bool = False  # an image folder's decoded images kept in memory (small images only)
     checkpoint: str | None = None
     model_args: dict[str, Any] | None = None  # config overrides of the model (see sret.variants)
     drop_path: float = 0.0
@@ -288,6 +289,7 @@ RULES: dict[str, Rule] = {
     "train_subset": at_least(1, optional=True),
     "val_subset": at_least(1, optional=True),
     "skip_bad_images": anything,
+    "cache_images": anything,
     "checkpoint": anything,  # read only when a run starts (a resumed run has its weights): checked then
     "model_args": anything,  # resolved against the model (sret.variants)
     "drop_path": within(0.0, 1.0, high_open=True),
@@ -690,6 +692,7 @@ class Run:
             cfg.val_fraction,
             cfg.seed,
             cfg.skip_bad_images,
+            cfg.cache_images,
         )
         self.data, self.classes = data, data.classes
         # what a checkpoint needs besides its weights to classify an image file: in classes.json and
