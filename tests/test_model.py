@@ -344,11 +344,33 @@ def test_too_few_tokens_for_the_groups_is_a_clear_error() -> None:
         (dict(shuffle="sometimes"), "shuffle"),
         (dict(mlp_ratio=0.0), "mlp_ratio"),
         (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(stem_stride=3), "stem_stride must be 2, 4 or 8"),
     ],
 )
 def test_invalid_configs_raise_value_error(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SReT(replace(tiny_cfg(), **change))
+
+
+@pytest.mark.parametrize(("stride", "grid"), [(8, 4), (4, 8), (2, 16)])
+def test_conv_stem_stride_sets_the_first_stage_tokens(stride: int, grid: int) -> None:
+    """At 32 px a stride-8 stem leaves 4x4 tokens; stride 4 and 2 keep the last one or two convs at
+    stride 1 (8x8, 16x16). Inference through the kernels matches the plain modules."""
+    from sret import kernels
+
+    torch.manual_seed(0)
+    model = sret.create_model("sret_nano", stem_stride=stride, num_classes=10).eval()
+    convs = [model.patch_embed.conv1, model.patch_embed.conv2, model.patch_embed.conv3]
+    assert [c.stride[0] for c in convs].count(2) == stride.bit_length() - 1
+    assert model.pos_embed.shape[-2:] == (grid, grid) and model.cfg.stride == stride
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_features(x).shape[1] == 128
+        fast = model(x)
+        with kernels.disabled():
+            plain = model(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert count_macs(model, 32) > 0
 
 
 def test_unknown_names_and_options_are_clear_errors() -> None:
