@@ -407,8 +407,13 @@ def run_grid(
             f"({done} already finished), {jobs} at a time, {threads} thread(s) each; output in {layout.out}"
         )
         Scheduler(grid, layout, todo, jobs, threads, log, done).run()
-        results = [read_result(layout.result(c)) or pending(c) for c in grid.cells]
-        write_summary(grid, results, layout.out)
+        return write_current_summary(grid, layout)
+
+
+def write_current_summary(grid: Grid, layout: Layout) -> list[dict[str, Any]]:
+    """The summary of every cell's result so far (pending cells marked); returns the cell results."""
+    results = [read_result(layout.result(c)) or pending(c) for c in grid.cells]
+    write_summary(grid, results, layout.out)
     return results
 
 
@@ -489,6 +494,7 @@ class Scheduler:
         result["wall_s"] = wall
         atomic_write(self.layout.result(cell), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         self.finished += 1
+        write_current_summary(self.grid, self.layout)  # a partial summary as each cell finishes
         self.times.setdefault(cell.variant.name, []).append(wall)
         self.log(f"[{self.finished}/{self.total}] {progress_line(result)}  ETA {self.eta(pending)}")
 
