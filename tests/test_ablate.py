@@ -131,7 +131,8 @@ def test_a_failed_cell_is_reported_and_does_not_stop_the_others(tmp_path: Path) 
     assert "cannot parse run config" in results[0]["error"]
     assert any("a-s0: FAILED (cannot parse run config" in line for line in lines)
     table = (tmp_path / "out" / "summary.md").read_text()
-    assert "| a | 0 |" in table and "1 failed: cannot parse run config" in table and "| b | 1 |" in table
+    assert "| a | 0 of 1 |" in table and "1 failed: cannot parse run config" in table and "| b | 1 |" in table
+    assert table.startswith("**Partial: 1 of 2 cells finished.**")  # the failed cell reruns next time
 
 
 @pytest.mark.parametrize(
