@@ -52,13 +52,14 @@ from pathlib import Path
 from typing import Any
 
 import scipy.stats
+import torch
 
 from sret.checkpoint import create_model
 from sret.evaluate import load_trained
 from sret.info import count_macs
 from sret.io import UserError, atomic_write, read_mapping
 from sret.plots import plot_ablation, plot_learning_curves
-from sret.runtime import die_with_parent
+from sret.runtime import cpu_description, die_with_parent
 from sret.train import TrainConfig, load_recipe, resolve_config
 from sret.variants import resolve_overrides
 
@@ -337,6 +338,8 @@ def summarise_cell(grid: Grid, cell: Cell, layout: Layout, wall_s: float) -> dic
         train_s=sum(r["time_s"] for r in rows),
         wall_s=wall_s,
         curve=[r["val_acc1"] for r in rows],  # validation top-1 per epoch: the grid's learning curves
+        cpu=cpu_description(),  # kernels round differently between CPUs: where the cell ran
+        torch=torch.__version__,
     )
 
 
@@ -674,6 +677,7 @@ def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[
         "img_per_s",
         "train_s",
         "wall_s",
+        "cpu",
         "error",
     )
     atomic_write(out / "cells.csv", lambda tmp: Path(tmp).write_text(to_csv(results, cell_fields)))

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import signal
 import sys
 
@@ -86,3 +87,22 @@ def has_fused_adam(device: torch.device | str) -> bool:
     (benchmarks/README.md).
     """
     return torch.device(device).type in ("cpu", "cuda")
+
+
+def cpu_description() -> str:
+    """The CPU as results should record it: the model name, family and model, and the instruction sets
+    that change which kernels run and how they round (the same model name spans several of them)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor says it all
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+    family = f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}"
+    return f"{fields.get('model name', 'unknown CPU')} ({family}; {' '.join(isa) or 'no AVX2'})"
