@@ -116,8 +116,14 @@ def test_a_small_grid_writes_table_csv_json_and_plot_then_a_rerun_skips_it(tmp_p
     before = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")}
     again: list[str] = []
     assert stable(run_grid(grid, out, log=again.append)) == stable(results)
-    assert "(2 already finished)" in again[0] and len(again) == 1  # nothing was trained again
+    assert "(2 already finished, 0 to run)" in again[0] and len(again) == 1  # nothing was trained again
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.safetensors")} == before
+    # one cell rerun elsewhere (a reproduction): the same result, the rest of that grid pending
+    alone = run_grid(grid, tmp_path / "check", threads=1, only=["sret-s0"], log=again.append)  # as jobs=2
+    assert [r["status"] for r in alone] == ["pending", "ok"]
+    assert stable([alone[1]]) == stable([results[1]])
+    with pytest.raises(UserError, match=r"has no cell sret-s9 \(cells: plain-s0, sret-s0\)"):
+        run_grid(grid, tmp_path / "check", only=["sret-s9"])
 
 
 def test_a_failed_cell_is_reported_and_does_not_stop_the_others(tmp_path: Path) -> None:
@@ -209,7 +215,7 @@ def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_table(tmp_path: Pat
         timeout=600,
     )
     assert rerun.returncode == 0, rerun.stderr
-    assert "(1 already finished)" in rerun.stderr
+    assert "(1 already finished, 1 to run)" in rerun.stderr
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "killed"))
     assert stable(two["variants"]) == stable(one["variants"])
 

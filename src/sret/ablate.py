@@ -393,11 +393,18 @@ def run_grid(
     jobs: int = 1,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished cell (`jobs` at a time), then write the summary; returns the cell results."""
+    """Run every unfinished cell (`jobs` at a time), or only the cells named in `only` (to rerun one
+    cell elsewhere and check it against the grid's spread), then write the summary; returns the cell
+    results."""
     layout = Layout(out)
     if jobs < 1:
         raise UserError(f"jobs must be >= 1, got {jobs}")
+    names = [c.name for c in grid.cells]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise UserError(f"grid {grid.path} has no cell {', '.join(unknown)} (cells: {', '.join(names)})")
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     with exclusive(layout.out):
         check_same_grid(grid, layout)
@@ -405,9 +412,12 @@ def run_grid(
             folder.mkdir(parents=True, exist_ok=True)
         todo = [c for c in grid.cells if (read_result(layout.result(c)) or {}).get("status") != "ok"]
         done = len(grid.cells) - len(todo)
+        if only:
+            todo = [c for c in todo if c.name in only]
         log(
-            f"grid {grid.path}: {len(grid.variants)} variants x {grid.seeds} seeds = {len(grid.cells)} cells "
-            f"({done} already finished), {jobs} at a time, {threads} thread(s) each; output in {layout.out}"
+            f"grid {grid.path}: {len(grid.variants)} variants, {len(grid.cells)} cells ({done} already "
+            f"finished, {len(todo)} to run), {jobs} at a time, {threads} thread(s) each; "
+            f"output in {layout.out}"
         )
         Scheduler(grid, layout, todo, jobs, threads, log, done).run()
         return write_current_summary(grid, layout)

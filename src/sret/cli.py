@@ -292,6 +292,9 @@ def ablate_cmd(
     show_plan: bool = typer.Option(
         False, "--plan", help="Print each variant's seeds, epochs, parameters and MACs; train nothing."
     ),
+    cells: list[str] | None = typer.Option(
+        None, "--cell", help="Run only this cell (e.g. once-s2; repeatable), to check it elsewhere."
+    ),
 ) -> None:
     """Train a grid of model variants x seeds with one recipe; tabulate mean ± std and plot them.
 
@@ -309,7 +312,7 @@ def ablate_cmd(
             typer.echo(plan(spec))
             return
         folder = Path(out) if out else Path("ablations") / Path(spec.path).stem
-        run_grid(spec, folder, jobs, threads, log=lambda msg: typer.echo(msg, err=True))
+        run_grid(spec, folder, jobs, threads, log=lambda msg: typer.echo(msg, err=True), only=cells)
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
     except KeyboardInterrupt:
