@@ -1,7 +1,8 @@
 """Markdown tables from a folder written by benchmarks/cpu_suite.sh: one table per configuration (fp32
-and bf16, inference and training, torch's AVX2 paths), and the ratios the speed goals are stated in.
+and bf16, inference and training, torch's AVX2 paths), and the ratios the speed goals are stated in;
+or, with --summary, one table of sret_t's figures over every configuration (benchmarks/README.md).
 
-    python benchmarks/cpu_tables.py OUT_DIR
+    python benchmarks/cpu_tables.py [--summary] OUT_DIR
 """
 
 from __future__ import annotations
@@ -42,6 +43,37 @@ def headline(comparison: dict) -> bool:
     return what.split(" ")[0] == "sret_t" and not what.startswith("sret_t plain")
 
 
+def images_per_s(doc: dict, label: str) -> str:
+    row = next((r for r in doc["rows"] if r["label"] == label), None)
+    return f"{row['images_per_s']:.1f}" if row else ""
+
+
+def summary(folder: Path) -> None:
+    """One row per configuration: images/s of sret_t and of the models timed beside it, and the ratios
+    of sret_t's GFLOP/s to deit_tiny's and of its images/s to the authors' SReT_T and to its plain
+    modules (held to AVX2)."""
+    out = [
+        "| configuration | matmul peak GFLOP/s | sret_t img/s | deit_tiny img/s | SReT_T img/s "
+        "| sret_t ÷ deit_tiny GFLOP/s | sret_t ÷ SReT_T img/s | sret_t ÷ its plain modules |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, title in CONFIGS.items():
+        path = folder / f"{name}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        ratios = {c["what"]: c["value"] for c in doc["comparisons"]}
+        official = ratios.get("sret_t images/s / SReT_T images/s")
+        plain = ratios.get("sret_t images/s / sret_t plain images/s")
+        out.append(
+            f"| {title} | {doc['matmul_peak_gflops']:.0f} | {images_per_s(doc, 'sret_t')} "
+            f"| {images_per_s(doc, 'deit_tiny_patch16_224')} | {images_per_s(doc, 'SReT_T')} "
+            f"| {ratios['sret_t GFLOP/s / deit_tiny_patch16_224 GFLOP/s']:.2f} "
+            f"| {f'{official:.2f}' if official else ''} | {f'{plain:.2f}' if plain else ''} |"
+        )
+    print("\n".join(out))
+
+
 def main(folder: Path) -> None:
     out = []
     for name, title in CONFIGS.items():
@@ -66,4 +98,7 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1:2] == ["--summary"]:
+        summary(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

@@ -859,7 +859,7 @@ def print_report(result: dict[str, Any]) -> None:
         )
     console = Console()
     if not console.is_terminal:  # piped into a file: do not squeeze the table into 80 columns
-        console = Console(width=150)
+        console = Console(width=150, soft_wrap=True)  # nor break a note over two lines
     console.print(table)
     notes = [
         f"latency = median of {cfg['repeats']} round-robin repeats after {cfg['warmup']} warm-up; "

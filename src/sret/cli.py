@@ -149,7 +149,7 @@ def bench_cmd(
     entries = contenders(
         models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing, compare_plain
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, log_path=False)  # a time on each progress line, not cli.py:NNN
     try:
         result = run_benchmark(entries, cfg, log=lambda msg: console.log(msg))
     except BenchError as e:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_data_config
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
@@ -118,9 +119,7 @@ def load_trained(
     classes = info.get("classes") or [str(i) for i in range(num_classes)]
     pre_values = info.get("preprocess", {})
     pre_values = {k: tuple(v) if isinstance(v, list) else v for k, v in pre_values.items()}
-    pre = (
-        Preprocess(**pre_values) if pre_values else Preprocess(img_size=getattr(model, "img_size", (224,))[0])
-    )
+    pre = Preprocess(**pre_values) if pre_values else architecture_preprocess(model)
     config_path = path.parent / "config.yaml"
     if config_path.is_file():
         run_config = read_mapping(config_path, "run config")
@@ -128,6 +127,21 @@ def load_trained(
         run_config = {"dataset": info.get("dataset"), **(info.get("split") or {})}
         run_config = {k: v for k, v in run_config.items() if v is not None}
     return Trained(model.to(device).eval(), classes, pre, run_config)
+
+
+def architecture_preprocess(model: nn.Module) -> Preprocess:
+    """How to feed weights that record no preprocessing (the authors' checkpoints, converted): at the
+    model's resolution, as its architecture's pretrained config says (timm's data config: ImageNet
+    mean and std, bicubic, a 0.875 centre crop at 224 px and none for the 384/512 fine-tunes)."""
+    data = resolve_data_config(model=model)
+    size = getattr(model, "img_size", data["input_size"][-2:])[0]
+    return Preprocess(
+        img_size=size,
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        interpolation=data["interpolation"],
+        crop_pct=data["crop_pct"],
+    )
 
 
 @dataclass

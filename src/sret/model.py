@@ -1088,20 +1088,43 @@ def _res(size: int) -> dict:
     return dict(input_size=(3, size, size), pool_size=(math.ceil(size / 32),) * 2, crop_pct=1.0)
 
 
+def _published(name: str, file: str, top1: float, **kwargs) -> dict:
+    """A checkpoint of the authors' release (github.com/szq0214/SReT, "Pre-trained Model"): `name` as
+    their table gives it, `file` the name their model code loads it by (SReT.py, SReT_wo_slice.py;
+    the same pattern where it names none) and the ImageNet-1k top-1 (%) they report. No weights ship
+    with sret: `pretrained=True` reads `file` from the working directory, as their code does, and
+    `sret.create_model(tag, checkpoint_path=...)` reads any path."""
+    return _cfg(
+        file=file,
+        description=f"{name}, ImageNet-1k top-1 {top1} % (the authors' release)",
+        origin_url="https://github.com/szq0214/SReT",
+        paper_ids="arXiv:2111.05297",
+        paper_name="Sliced Recursive Transformer",
+        **kwargs,
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
-        "sret_t.in1k": _cfg(),
-        "sret_t.distill_in1k": _cfg(),
-        "sret_t_noslice.in1k": _cfg(),
-        "sret_lt.in1k": _cfg(),
-        "sret_lt.distill_in1k": _cfg(),
-        "sret_lt_noslice.in1k": _cfg(),
-        "sret_s.in1k": _cfg(),
-        "sret_s.distill_in1k": _cfg(),
-        "sret_s_noslice.in1k": _cfg(),
-        "sret_t_noslice_384.distill_in1k": _cfg(**_res(384)),
-        "sret_s_noslice_384.distill_in1k": _cfg(**_res(384)),
-        "sret_s_noslice_512.distill_in1k": _cfg(**_res(512)),
+        "sret_t.in1k": _published("SReT_T", "SReT_T.pth", 76.0),
+        "sret_t.distill_in1k": _published("SReT_T_Distill", "SReT_T_distill.pth", 77.6),
+        "sret_t_noslice.in1k": _published("SReT_⋇T", "SReT_T_wo_slice.pth", 76.1),
+        "sret_t_noslice.distill_in1k": _published("SReT_⋇T_Distill", "SReT_T_wo_slice_distill.pth", 77.7),
+        "sret_lt.in1k": _published("SReT_LT [8-4-1,2-1-1]", "SReT_LT.pth", 76.7),
+        "sret_lt.distill_in1k": _published("SReT_LT_Distill", "SReT_LT_distill.pth", 77.7),
+        "sret_lt_noslice.in1k": _published("SReT_⋇LT", "SReT_LT_wo_slice.pth", 76.8),
+        "sret_lt_noslice.distill_in1k": _published("SReT_⋇LT_Distill", "SReT_LT_wo_slice_distill.pth", 77.9),
+        "sret_s.in1k": _published("SReT_S", "SReT_S.pth", 81.9),
+        "sret_s_noslice.in1k": _published("SReT_⋇S", "SReT_S_wo_slice.pth", 82.0),
+        "sret_t_noslice_384.distill_in1k": _published(
+            "SReT_⋇T_Distill_Finetune384", "SReT_T_wo_slice_finetune_384.pth", 79.7, **_res(384)
+        ),
+        "sret_s_noslice_384.distill_in1k": _published(  # the authors' spelling of the file
+            "SReT_⋇S_Distill_Finetune384", "SReT_S_wo_slice_fineture_384.pth", 83.8, **_res(384)
+        ),
+        "sret_s_noslice_512.distill_in1k": _published(
+            "SReT_⋇S_Distill_Finetune512", "SReT_S_wo_slice_finetune_512.pth", 84.3, **_res(512)
+        ),
         "sret_deep_100": _cfg(),
         "sret_deep_1000": _cfg(),
         "sret_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),

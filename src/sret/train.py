@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,14 @@ from sret.runtime import has_fused_adam
 from sret.variants import resolve_overrides
 
 RECIPES = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "digits"  # what `sret train` runs with no options
 STATE_FILE = "last_state.pt"
 # Where and how a run executes, not what it computes: the settings `--resume` may change (a run moved to
 # another machine or data folder, or stopped by a corrupt image).
 RESUME_SETTINGS = ("data_dir", "device", "skip_bad_images", "workers", "cache_images")
 TIME_KEYS = ("time_s", "img_per_s")  # the only metrics that differ between identical runs
+# Within an epoch, output that is not a terminal gets a progress line at least this often (seconds).
+PROGRESS_SECONDS = 15.0
 
 
 class TrainingError(UserError):
@@ -389,6 +393,12 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"model_args {cfg.model_args}: {e}") from None
 
 
+def native_size(model: str) -> int:
+    """The resolution a registered model is built for (its config's img_size)."""
+    size = MODEL_CONFIGS[model].img_size
+    return size if isinstance(size, int) else size[0]
+
+
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A shipped recipe by name (see `src/sret/recipes`) or any YAML file."""
     path = Path(name_or_path)
@@ -412,12 +422,19 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(
-    recipe: str | None = "digits", sets: list[str] | None = None, **overrides: Any
+    recipe: str | None = DEFAULT_RECIPE, sets: list[str] | None = None, **overrides: Any
 ) -> TrainConfig:
-    """Recipe, then `--set` pairs, then explicit options (None means not given)."""
+    """Recipe, then `--set` pairs, then explicit options (None means not given).
+
+    The default recipe's img_size is sret_nano's: a model named beside it (`sret train --model
+    sret_t`) trains at its own resolution instead, unless img_size is given too.
+    """
     values = load_recipe(recipe) if recipe else {}
-    values.update(parse_sets(sets or []))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = parse_sets(sets or []) | {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    arch = str(values.get("model", "")).split(".", 1)[0]
+    if recipe == DEFAULT_RECIPE and "model" in given and "img_size" not in given and arch in MODEL_CONFIGS:
+        values["img_size"] = native_size(arch)
     cfg = with_checkpoint_architecture(TrainConfig.from_dict(values))
     cfg.validate()
     return cfg
@@ -1061,8 +1078,18 @@ class Run:
         return row
 
 
+def log_console() -> Console:
+    """Where a run reports (stderr). Written to a file (nohup, a batch scheduler) rich would wrap every
+    line at 80 columns, splitting an epoch's metrics over two lines; there each message stays one."""
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, soft_wrap=True)
+
+
 def make_progress(console: Any, enabled: bool) -> Any:
-    """A per-epoch bar with loss, accuracy, images/s and ETA (rich)."""
+    """A per-epoch bar with loss, accuracy, images/s and ETA (rich) on a terminal; elsewhere, where a
+    bar cannot redraw, a line every PROGRESS_SECONDS (:class:`LineProgress`)."""
+    if not (console.is_terminal or console.is_jupyter):
+        return LineProgress(console, enabled, PROGRESS_SECONDS)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -1071,6 +1098,59 @@ def make_progress(console: Any, enabled: bool) -> Any:
         TimeRemainingColumn(),
         console=console,
         disable=not enabled,
+    )
+
+
+class LineProgress:
+    """The progress bar's information as plain lines, for output that is not a terminal (a log file).
+
+    One line every `seconds` of wall clock within an epoch, since an epoch can be minutes long
+    (timm's train.py logs every `log_interval` batches for the same reason). It takes the calls
+    `train_epoch` makes on rich's Progress; `clock` is injectable so tests need not wait.
+    """
+
+    def __init__(
+        self, console: Any, enabled: bool, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.console, self.enabled, self.seconds, self.clock = console, enabled, seconds, clock
+        self.tasks: dict[int, dict[str, Any]] = {}
+        self.last = clock()
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields: Any) -> int:
+        now = self.clock()
+        task = len(self.tasks)
+        self.tasks[task] = dict(
+            description=description, total=total, completed=completed, first=completed, start=now, **fields
+        )
+        self.last = now
+        return task
+
+    def update(self, task: int, advance: int = 1, **fields: Any) -> None:
+        state = self.tasks[task]
+        state.update(fields, completed=state["completed"] + advance)
+        now = self.clock()
+        if self.enabled and now - self.last >= self.seconds:
+            self.last = now
+            line = progress_line(state, now - state["start"])
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def remove_task(self, task: int) -> None:
+        del self.tasks[task]
+
+
+def progress_line(task: dict[str, Any], elapsed: float) -> str:
+    """`epoch 3/40  step 120/391  loss 1.2345  acc 0.4560  512 img/s  1:23 left`."""
+    done = task["completed"] - task["first"]
+    left = (task["total"] - task["completed"]) * elapsed / max(done, 1)
+    return (
+        f"{task['description']}  step {task['completed']}/{task['total']}  loss {task['loss']:.4f}  "
+        f"acc {task['acc']:.4f}  {task['rate']:.0f} img/s  {timedelta(seconds=round(left))} left"
     )
 
 
@@ -1141,7 +1221,7 @@ def train(
     A resumed run takes its config from the run folder; `resume_settings` may change only the
     RESUME_SETTINGS in it, since anything else would make it another run.
     """
-    console = console or Console(stderr=True)
+    console = console or log_console()
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
