@@ -399,11 +399,10 @@ def test_layer_norm_matches_the_plain_module(width: int) -> None:
 
 
 @needs_native
-def test_bf16_attention_kernel_is_the_fp32_kernel_rounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
     """The bf16 vector kernels widen exactly, compute in fp32 and round as torch rounds (to nearest
     even, NaN kept): bit for bit the fp32 kernels on the widened inputs, then `.bfloat16()`, forward
-    (with the same log-sum-exp) and backward. (On AMX CPUs the forward runs in tiles instead: below.)"""
-    monkeypatch.setattr(native, "amx_attention", lambda: False)
+    (with the same log-sum-exp) and backward."""
     torch.manual_seed(0)
     for batch, groups, n, heads, depth in [(2, 4, 49, 2, 32), (1, 3, 10, 1, 40), (2, 1, 196, 4, 48)]:
         qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
@@ -422,33 +421,6 @@ def test_bf16_attention_kernel_is_the_fp32_kernel_rounded(monkeypatch: pytest.Mo
     assert out[0, 3].isnan().all() and not out[0, [0, 1, 2, 4, 5, 6, 7]].isnan().any()
 
 
-@pytest.mark.skipif(not native.amx_attention(), reason="needs a CPU with AMX tiles")
-def test_amx_attention_forward_is_within_bf16_rounding_of_the_fp32_kernel() -> None:
-    """The tile kernel multiplies the bf16 values exactly (fp32 accumulation) and rounds each
-    probability to bf16 before the value product, then the output once: within 2^-8 of the largest
-    value (two bf16 roundings) of the fp32 kernel on the same values, with the same log-sum-exp to
-    fp32 summation order. NaN stays confined to its query, as in the vector kernels."""
-    torch.manual_seed(0)
-    for batch, groups, n, heads, depth in [
-        (2, 8, 98, 2, 32),
-        (1, 3, 10, 1, 40),
-        (2, 1, 196, 4, 48),
-        (1, 1, 1, 1, 32),
-    ]:
-        qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
-        out, lse = native.attention_forward(qkv, groups, heads, depth**-0.5, True)
-        ref, ref_lse = native.attention_forward(qkv.float(), groups, heads, depth**-0.5, True)
-        bound = 2**-8 * float(qkv.float().abs().max())
-        torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=bound)
-        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
-        with torch.no_grad():
-            assert torch.equal(native.attention_forward(qkv, groups, heads, depth**-0.5, False)[0], out)
-    qkv = torch.randn(1, 20, 3 * 32).bfloat16()
-    qkv[0, 3, 0] = float("nan")
-    out, _ = native.attention_forward(qkv, 1, 1, 0.2, False)
-    assert out[0, 3].isnan().all() and not out[0, [i for i in range(20) if i != 3]].isnan().any()
-
-
 @needs_onednn_bf16
 def test_pooling_stays_fp32_under_bf16_autocast() -> None:
     """The depthwise pooling convolution runs in fp32 under bf16 autocast (its fp32 kernels are the
@@ -464,29 +436,6 @@ def test_pooling_stays_fp32_under_bf16_autocast() -> None:
     ours = torch.autograd.grad(y, [x, pool.conv.weight], grad)
     refs = torch.autograd.grad(ref, [x, pool.conv.weight], grad)
     assert all(torch.equal(a, b) for a, b in zip(ours, refs, strict=True))
-
-
-@pytest.mark.skipif(not native.amx_attention(), reason="needs a CPU with AMX tiles")
-def test_amx_attention_backward_is_within_bf16_rounding_of_the_fp32_kernel() -> None:
-    """The tile backward rounds P and dS to bf16 for its products, and the gradient once: within
-    2^-7 of the largest gradient (three bf16 roundings, 2^-9 each, with fp32 accumulation) of the
-    fp32 kernel's gradient from the same values, output and log-sum-exp."""
-    torch.manual_seed(0)
-    for batch, groups, n, heads, depth in [
-        (2, 8, 98, 2, 32),
-        (1, 3, 10, 1, 40),
-        (2, 1, 196, 4, 48),
-        (1, 1, 33, 1, 16),
-    ]:
-        qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
-        out, lse = native.attention_forward(qkv, groups, heads, depth**-0.5, True)
-        grad = torch.randn_like(out)
-        ours = native.attention_backward(grad, qkv, out, lse, groups, heads, depth**-0.5)
-        ref = native.attention_backward(
-            grad.float(), qkv.float(), out.float(), lse, groups, heads, depth**-0.5
-        )
-        assert ours.dtype == torch.bfloat16
-        torch.testing.assert_close(ours.float(), ref, rtol=2**-7, atol=2**-7 * float(ref.abs().max()))
 
 
 # ---- the operators, as tools see them -----------------------------------------------------------------

@@ -674,7 +674,6 @@ def run_benchmark(
         "sret_fused_kernels": fused_kernels_apply(cfg),
         "sret_native_attention": native_attention_applies(cfg),
         "sret_native_isa": native.isa() if native_attention_applies(cfg) else None,
-        "sret_amx_attention": cfg.amp == "bf16" and native_attention_applies(cfg) and native.amx_attention(),
         "config": asdict(cfg),
         "matmul_peak_gflops": peak,
         "train_mac_factor": mac_factor(cfg),
@@ -885,10 +884,7 @@ def print_report(result: dict[str, Any]) -> None:
         what = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
         if cfg["train"] and cfg["amp"] is None:  # fp32 only: under autocast the stem's convs give bf16
             what = "its attention, its MLPs' GELU backward and its stem's BatchNorm + ReLU"
-        storage = ""
-        if cfg["amp"] == "bf16":
-            tiles = result.get("sret_amx_attention")
-            storage = ", the attention's products in AMX tiles" if tiles else ", in fp32 on the bf16 tensors"
+        storage = ", in fp32 on the bf16 tensors" if cfg["amp"] == "bf16" else ""
         build = f", built for {result['sret_native_isa']}" if result.get("sret_native_isa") else ""
         ran.append(f"{what} in its own C kernels{storage} (sret.kernels.native{build})")
     if ran:

@@ -13,8 +13,8 @@ What the entry points do differently:
   (:mod:`sret.kernels.native`; x86 with AVX-512 or AVX2, else torch's kernels run);
 - under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
   oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
-  are cast, and attention in the C kernel: its forward in AMX tiles where the CPU has them, else
-  (and its backward) in fp32 on the bf16 values; either outruns torch's bf16 kernel at SReT's shapes;
+  are cast, and attention in the C kernel, in fp32 on the bf16 values, which outruns torch's bf16
+  kernel at SReT's shapes;
 - LayerNorm's forward in SReT's C kernel (fp32 where it is built for AVX-512); under bf16 autocast
   written straight in bf16 from the fp32 residual stream and back-propagated from the bf16 gradient,
   and a bf16 branch added to that stream in one pass (:mod:`sret.kernels.native`);
@@ -183,7 +183,7 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
     Returns (B, groups * n, C), in the dtype of `qkv`. Runs SReT's C kernel where it applies (unmasked;
-    fp32 products, or for bf16 on a CPU with AMX tiles, tile products); else heads are split
+    fp32 products); else heads are split
     and short sequences attend by two matrix products and a softmax, longer or masked ones in
     `F.scaled_dot_product_attention`. torch's CPU flash-attention kernel works through 32-query blocks
     one small GEMM at a time, slower than the unfused products on 49-token groups with 32-wide heads;

@@ -6,8 +6,7 @@ fused CPU kernel spends more time around its small GEMM calls than in them, and 
 pays full passes for the head split and merge copies. The C kernel attends one (group, head) pair at
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
-forward and backward (`benchmarks/README.md`). On CPUs with AMX tiles, bf16 attention runs in
-`csrc/attention_amx.c` instead, its products in the tiles (`SRET_AMX=0` keeps the vector kernels).
+forward and backward (`benchmarks/README.md`).
 
 In training, `csrc/batch_norm.c` runs the conv stem's BatchNorm (on batch statistics) and ReLU as one
 operator on channels-last fp32: forward, a statistics pass and one that writes the output (torch adds
@@ -50,7 +49,7 @@ _logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name("csrc") / name
-    for name in ("sliced_attention.c", "attention_amx.c", "gelu.c", "norm.c", "batch_norm.c")
+    for name in ("sliced_attention.c", "gelu.c", "norm.c", "batch_norm.c")
 )
 HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -59,8 +58,6 @@ ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"),
     "AVX2": ("-mavx2", "-mfma"),
 }
-# Where the CPU has AMX tiles (:func:`amx`), also the tile kernels of bf16 attention.
-AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-DSRET_AMX")
 MAX_HEAD_DIM = 48  # three AVX-512 (six AVX2) vectors per row: the kernel's register blocking
 MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
 
@@ -79,27 +76,6 @@ def isa() -> str | None:
     if capability.startswith("AVX512"):
         return "AVX512"
     return "AVX2" if capability == "AVX2" else None
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (which lists a feature only where the
-    kernel enables it); empty elsewhere."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return frozenset()
-    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
-    return frozenset(flags.split())
-
-
-def amx() -> bool:
-    """Whether this CPU multiplies bf16 matrices in AMX tiles (flags `amx_tile`, `amx_bf16`, and
-    `avx512_bf16` for the conversions around them) with torch
-    running at AVX-512: there torch's and oneDNN's bf16 GEMMs run several times faster than vector
-    dot products. `SRET_AMX=0` makes SReT treat the CPU as one without them."""
-    enabled = os.environ.get("SRET_AMX", "1") != "0"
-    return enabled and isa() == "AVX512" and {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags()
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
@@ -132,7 +108,7 @@ def library() -> ctypes.CDLL | None:
         _logger.warning("native kernels off: no C compiler (set CC); using torch's kernels")
         return None
     code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    flags = (*FLAGS, *ISA_FLAGS[isa()], *(AMX_FLAGS if amx() else ()))
+    flags = (*FLAGS, *ISA_FLAGS[isa()])
     key = hashlib.sha256(code + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
@@ -162,38 +138,15 @@ def library() -> ctypes.CDLL | None:
         "batch_norm_relu": [p, p, p, p, p, p, p, n, i, f, i],
         "batch_norm_relu_backward": [p, p, p, p, p, p, p, p, p, n, i, i],
     }
-    if amx():
-        single["attention_forward_amx"] = signatures["attention_forward"]
-        single["attention_backward_amx"] = signatures["attention_backward"]
-        lib.sret_amx_request.restype = i
     for name, argtypes in single.items():
         fn = getattr(lib, f"sret_{name}")
         fn.argtypes, fn.restype = argtypes, i
     return lib
 
 
-@functools.cache
-def amx_attention() -> bool:
-    """Whether bf16 attention runs in the AMX tile kernels (`csrc/attention_amx.c`), forward and
-    backward: a CPU with AMX (:func:`amx`) whose kernel grants the process the tile registers."""
-    lib = library()
-    if lib is None or not amx():
-        return False
-    if lib.sret_amx_request():
-        _logger.warning("AMX tiles not granted by the OS; bf16 attention runs in fp32 vector code")
-        return False
-    return True
-
-
 def _kernel(name: str, dtype: torch.dtype) -> Callable[..., int]:
     """The library's kernel `name` for tensors of `dtype` (fp32, or bf16 computed in fp32)."""
     return getattr(library(), f"sret_{name}_bf16" if dtype == torch.bfloat16 else f"sret_{name}")
-
-
-def _tiles(qkv: Tensor, head_dim: int) -> bool:
-    """Whether this attention runs in the AMX tile kernels: bf16, heads of an even width (the tiles
-    take channels in pairs), on a CPU that has them."""
-    return qkv.dtype == torch.bfloat16 and head_dim % 2 == 0 and amx_attention()
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
@@ -222,10 +175,7 @@ def attention_forward(
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
     lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
-    kernel = _kernel("attention_forward", qkv.dtype)
-    if _tiles(qkv, dim // heads):
-        kernel = library().sret_attention_forward_amx
-    status = kernel(
+    status = _kernel("attention_forward", qkv.dtype)(
         qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
         batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
     )  # fmt: skip
@@ -239,14 +189,11 @@ def attention_backward(
 ) -> Tensor:
     """The gradient of :func:`attention_forward`'s output with respect to `qkv`, from the output and
     log-sum-exp it kept (the scores are recomputed, never stored). A bf16 `qkv` (with its bf16 output)
-    gives a bf16 gradient, computed in fp32 (or with the products in AMX tiles, as the forward)."""
+    gives a bf16 gradient, computed in fp32."""
     grad = grad.to(qkv.dtype).contiguous()
     grad_qkv = torch.empty_like(qkv)
     batch, tokens, width = qkv.shape
-    kernel = _kernel("attention_backward", qkv.dtype)
-    if _tiles(qkv, width // 3 // heads):
-        kernel = library().sret_attention_backward_amx
-    status = kernel(
+    status = _kernel("attention_backward", qkv.dtype)(
         qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
         batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
     )  # fmt: skip
