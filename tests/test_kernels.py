@@ -3,7 +3,6 @@ the operators as tools see them (FlopCounterMode, FakeTensorMode, torch.func, to
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -160,56 +159,6 @@ def test_stem_matches_the_plain_module_and_keeps_non_finite_values() -> None:
             ref = stem(x)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
     assert ours[1].isnan().any() and not ours[[0, 2, 3]].isnan().any()
-
-
-@needs_native
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_stem_in_training_matches_the_plain_module(momentum: float | None, monkeypatch) -> None:
-    """BatchNorm on batch statistics and ReLU as one kernel: the plain module's output, gradients,
-    running statistics and batch count, over two steps of a moving or (`momentum` None) cumulative
-    average. A convolution's bias before such a BatchNorm has a gradient of zero (the batch mean
-    takes it out), so there both give rounding noise, held to be small against the weight's."""
-    torch.manual_seed(0)
-    stem = ConvStem(3, 64).train()
-    for bn in (stem.bn1, stem.bn2, stem.bn3):
-        bn.momentum = momentum
-        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
-        torch.nn.init.normal_(bn.bias)
-    plain = copy.deepcopy(stem)
-    calls, kernel = [], native.batch_norm_relu
-    monkeypatch.setattr(native, "batch_norm_relu", lambda *args: calls.append(1) or kernel(*args))
-    x = torch.randn(3, 3, 64, 64)
-    for _ in range(2):
-        ours, ours_grads = outputs_and_grads(stem, x, plain=False)
-        ref, ref_grads = outputs_and_grads(plain, x, plain=True)
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-        names = ["x", *(name for name, _ in stem.named_parameters())]
-        grads = dict(zip(names, zip(ours_grads, ref_grads, strict=True), strict=True))
-        for name, (a, b) in grads.items():
-            if name.startswith("conv") and name.endswith("bias"):
-                scale = grads[name.replace("bias", "weight")][1].abs().max()
-                assert a.abs().max() < 1e-3 * scale and b.abs().max() < 1e-3 * scale, name
-            else:
-                atol = 1e-5 * float(b.abs().max())  # sums over the batch: rounding grows with the scale
-                torch.testing.assert_close(
-                    a, b, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
-                )
-    assert len(calls) == 6 and ours.is_contiguous(memory_format=torch.channels_last)
-    for (name, a), b in zip(stem.named_buffers(), plain.buffers(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-
-
-@needs_native
-def test_batch_norm_operators_pass_torch_opcheck() -> None:
-    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-    args = (x, r(8), r(8), 1e-5)
-    torch.library.opcheck(torch.ops.sret.batch_norm_relu, args, test_utils=("test_schema", "test_faketensor"))
-    _, mean, _, invstd = torch.ops.sret.batch_norm_relu(*args)
-    for grad in (torch.randn_like(x), torch.randn(2, 8, 5, 5)):  # channels-last, and channels first
-        args = (grad, x, r(8), r(8), mean, invstd)
-        torch.library.opcheck(
-            torch.ops.sret.batch_norm_relu_backward, args, test_utils=("test_schema", "test_faketensor")
-        )
 
 
 def test_attention_fallback_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:

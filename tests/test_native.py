@@ -1,5 +1,5 @@
 """SReT's C kernels: the results and gradients of torch's attention, GELU, (bf16) LayerNorm and
-residual, and BatchNorm + ReLU, and a clean fallback."""
+residual, and a clean fallback."""
 
 from __future__ import annotations
 
@@ -222,94 +222,6 @@ def test_scaled_residual_of_a_bf16_branch_matches_addcmul(shape: tuple[int, ...]
     torch.testing.assert_close(out, torch.addcmul(branch, x, torch.tensor([0.7])), rtol=1e-6, atol=1e-6)
 
 
-def batch_norm_relu_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, dtype=torch.float64
-):
-    """torch's BatchNorm (training, batch statistics) and ReLU, computed in `dtype`: output and the
-    x, weight and bias gradients of `(output * grad).sum()`, in fp32."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias)]
-    y = F.relu(F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True, eps=1e-5))
-    grads = torch.autograd.grad((y * grad.to(dtype)).sum(), leaves)
-    return tuple(t.float() for t in (y.detach(), *grads))
-
-
-def channels_last(*shape: int, mean: float = 0.0, spread: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape) * spread + mean).contiguous(memory_format=torch.channels_last)
-
-
-@needs_kernel
-@pytest.mark.parametrize(
-    ("shape", "mean", "spread"),
-    [
-        ((4, 32, 12, 12), 0.0, 1.0),
-        ((3, 37, 5, 7), 1.0, 3.0),
-        ((2, 64, 9, 9), 1000.0, 1.0),
-        ((2, 3, 1, 1), 0.0, 1.0),
-    ],
-)
-def test_batch_norm_relu_matches_torch(shape: tuple[int, ...], mean: float, spread: float) -> None:
-    """Output, statistics and gradients of torch's BatchNorm + ReLU in double, to fp32 rounding: channel
-    counts with a masked last vector, and a mean 1,000 spreads away from zero (the shifted sums, and
-    the centring that torch's fp32 kernel, scaling before it shifts, rounds away)."""
-    torch.manual_seed(0)
-    x, grad = channels_last(*shape, mean=mean, spread=spread), channels_last(*shape)
-    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
-    y, mu, var, invstd = native.batch_norm_relu(x, weight, bias, 1e-5)
-    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mu, ref_mean.float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(var, ref_var.float(), rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(invstd, torch.rsqrt(ref_var + 1e-5).float(), rtol=1e-4, atol=0)
-    ref_y, ref_dx, ref_dw, ref_db = batch_norm_relu_reference(x, weight, bias, grad)
-    torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
-    dx, dw, db = native.batch_norm_relu_backward(grad, x, weight, bias, mu, invstd)
-    for t in (y, dx):
-        assert t.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
-    # sums over the batch, where the mean's fp32 rounding enters once per value
-    torch.testing.assert_close(dw, ref_dw, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(db, ref_db, rtol=1e-3, atol=1e-4)
-
-
-@needs_kernel
-def test_batch_norm_relu_keeps_non_finite_values_as_torch_does() -> None:
-    """A NaN or an infinity makes its channel's statistics and outputs non-finite, as in torch, and
-    leaves the other channels alone; NaN outputs pass the gradient through, as torch's ReLU does."""
-    torch.manual_seed(0)
-    x, grad = channels_last(2, 19, 4, 4), channels_last(2, 19, 4, 4)
-    x[0, 0, 0, 0], x[1, 5, 2, 3], x[0, 18, 1, 1] = float("nan"), float("inf"), float("-inf")
-    weight, bias = torch.randn(19), torch.randn(19)
-    y, *_ = native.batch_norm_relu(x, weight, bias, 1e-5)
-    ref_y, ref_dx, ref_dw, ref_db = batch_norm_relu_reference(x, weight, bias, grad, torch.float32)
-    torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-5, equal_nan=True)
-    assert y[:, [0, 5, 18]].isnan().all() and y[:, 1:5].isfinite().all()
-    _, mu, _, invstd = native.batch_norm_relu(x, weight, bias, 1e-5)
-    dx, dw, db = native.batch_norm_relu_backward(grad, x, weight, bias, mu, invstd)
-    for ours, ref in ((dx, ref_dx), (dw, ref_dw), (db, ref_db)):
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
-
-
-@needs_kernel
-def test_batch_norm_relu_uses_every_thread_count_alike() -> None:
-    torch.manual_seed(0)
-    x, grad, weight, bias = (
-        channels_last(3, 24, 10, 10),
-        channels_last(3, 24, 10, 10),
-        torch.randn(24),
-        torch.randn(24),
-    )
-    results, threads = [], torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            y, mu, _, invstd = native.batch_norm_relu(x, weight, bias, 1e-5)
-            results.append((y, *native.batch_norm_relu_backward(grad, x, weight, bias, mu, invstd)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 def test_kernel_is_skipped_where_it_does_not_apply() -> None:
     qkv = torch.randn(1, 8, 3 * 64)
     assert not native.applies(qkv.double(), 8, 32)
@@ -318,10 +230,6 @@ def test_kernel_is_skipped_where_it_does_not_apply() -> None:
     assert not native.applies(torch.randn(1, 1024, 3 * 64), native.MAX_TOKENS + 1, 32)
     assert not native.gelu_backward_applies(qkv, qkv[:, :4])  # shapes differ
     assert not native.gelu_backward_applies(qkv.double(), qkv.double())
-    image = torch.randn(2, 8, 4, 4)
-    assert not native.batch_norm_relu_applies(image)  # channels first
-    assert not native.batch_norm_relu_applies(image.double().contiguous(memory_format=torch.channels_last))
-    assert not native.batch_norm_relu_applies(torch.randn(1, 8, 1, 1))  # one value per channel
 
 
 @pytest.mark.skipif(native.isa() != "AVX512", reason="checks the AVX2 build from an AVX-512 CPU")

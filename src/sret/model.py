@@ -633,11 +633,7 @@ class ConvStem(nn.Module):
                 x = kernels.conv_bn_relu(x, tuple(run))  # one call per run of equal strides
             return x
         for conv, bn in layers:
-            x = conv(x)
-            if self.training and kernels.active(x):
-                x = kernels.batch_norm_relu(x, bn)
-            else:
-                x = F.relu(bn(x), inplace=True)
+            x = F.relu(bn(conv(x)), inplace=True)
         return x
 
 

@@ -44,7 +44,6 @@ from torch import Tensor, nn
 from sret.kernels import native, onednn
 from sret.kernels.autograd import (
     MLP,
-    BatchNormReLU,
     LayerNorm,
     Linear,
     ScaledResidual,
@@ -55,7 +54,6 @@ from sret.kernels.autograd import (
 __all__ = [
     "active",
     "attend",
-    "batch_norm_relu",
     "conv_bn_relu",
     "depthwise_conv",
     "disabled",
@@ -253,31 +251,3 @@ def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) 
     weights, biases = zip(*(fold_batchnorm(conv, bn) for conv, bn in layers), strict=True)
     x, *weights = lowered(x, *weights)
     return sret_ops.conv_bn_relu(x, list(weights), list(lowered(*biases)), stride, padding)
-
-
-def batch_norm_relu(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
-    """`F.relu(bn(x))` for a BatchNorm2d in training mode: `x` normalised by the batch's statistics,
-    the running statistics and batch count updated as BatchNorm updates them. In SReT's C kernel
-    (:func:`sret.kernels.native.batch_norm_relu`) for a channels-last fp32 `x` and affine fp32
-    parameters, else the plain modules (always for a SyncBatchNorm, whose statistics span processes)."""
-    params = (bn.weight, bn.bias)
-    local = bn.training and bn.affine and not isinstance(bn, nn.SyncBatchNorm)
-    if not (local and native.batch_norm_relu_applies(x)) or any(p.dtype != torch.float32 for p in params):
-        return F.relu(bn(x))
-    if _autograd(x, *params):
-        y, mean, var, _ = BatchNormReLU.apply(x, *params, bn.eps)
-    else:
-        y, mean, var, _ = sret_ops.batch_norm_relu(x, *params, bn.eps)
-    if bn.track_running_stats:
-        _track(bn, mean, var, x.numel() // x.shape[1])
-    return y
-
-
-@torch.no_grad()
-def _track(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """BatchNorm's update of its running statistics: a moving average with `momentum` (or, where it is
-    None, the cumulative average over the batches seen) of the mean and of the unbiased variance."""
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / int(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    bn.running_mean.lerp_(mean, momentum)
-    bn.running_var.lerp_(var * (count / (count - 1)), momentum)

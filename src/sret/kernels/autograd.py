@@ -158,30 +158,3 @@ class LayerNorm(torch.autograd.Function):
         with torch.no_grad():
             grads = sret_ops.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight)
         return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None, None)
-
-
-class BatchNormReLU(torch.autograd.Function):
-    """`relu(batch_norm(x))` on the batch's statistics (:func:`sret.kernels.ops.batch_norm_relu`),
-    keeping for backward only `x` and the statistics: ReLU's mask is recomputed from them, where
-    autograd would keep ReLU's output too and back-propagate through it in a pass of its own."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, ...]:
-        return sret_ops.batch_norm_relu(x, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, weight, bias, _ = inputs
-        _, mean, var, invstd = output
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.mark_non_differentiable(mean, var, invstd)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
-        if grad is None:
-            return None, None, None, None
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        with torch.no_grad():
-            grads = sret_ops.batch_norm_relu_backward(grad, x, weight, bias, mean, invstd)
-        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None)

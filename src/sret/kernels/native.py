@@ -1,5 +1,5 @@
-"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention, an MLP's GELU backward,
-LayerNorm (and, under bf16 autocast, the residual), and the stem's BatchNorm and ReLU in training.
+"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention, an MLP's GELU backward and
+LayerNorm (and, under bf16 autocast, the residual).
 
 SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads. There torch's
 fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
@@ -7,11 +7,6 @@ pays full passes for the head split and merge copies. The C kernel attends one (
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
 forward and backward (`benchmarks/README.md`).
-
-In training, `csrc/batch_norm.c` runs the conv stem's BatchNorm (on batch statistics) and ReLU as one
-operator on channels-last fp32: forward, a statistics pass and one that writes the output (torch adds
-an in-place ReLU pass); backward, two passes and one new stem-sized tensor (torch: ReLU's gradient,
-then BatchNorm's reduction and input gradient, three passes and two new tensors).
 
 `csrc/norm.c` runs LayerNorm over the channels faster than torch's kernel at SReT's 64-256 channels
 where it is built for AVX-512 (:func:`fp32_layer_norm`); under bf16 autocast it writes the norm's bf16
@@ -48,8 +43,7 @@ from torch import Tensor
 _logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name
-    for name in ("sliced_attention.c", "gelu.c", "norm.c", "batch_norm.c")
+    Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c", "norm.c")
 )
 HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
@@ -135,8 +129,6 @@ def library() -> ctypes.CDLL | None:
         "layer_norm": [p, p, p, p, p, p, n, i, f, i],
         "scaled_residual_bf16": [p, p, f, p, n, i],
         "layer_norm_backward_bf16": [p, p, p, p, p, p, p, p, n, i, i],
-        "batch_norm_relu": [p, p, p, p, p, p, p, n, i, f, i],
-        "batch_norm_relu_backward": [p, p, p, p, p, p, p, p, p, n, i, i],
     }
     for name, argtypes in single.items():
         fn = getattr(lib, f"sret_{name}")
@@ -295,53 +287,3 @@ def passes_apply(x: Tensor, other: Tensor | None = None) -> bool:
         and (other is None or (other.shape == x.shape and other.is_contiguous()))
         and library() is not None
     )
-
-
-def batch_norm_relu_applies(x: Tensor) -> bool:
-    """Whether :func:`batch_norm_relu` runs on `x`: a channels-last 4-d fp32 CPU tensor of more than
-    one value per channel (with one, BatchNorm's own error is the answer)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and x.numel() > x.shape[1]
-        and library() is not None
-    )
-
-
-def batch_norm_relu(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`relu(batch_norm(x, weight, bias))` on the batch's statistics, and those statistics per channel:
-    mean, biased variance (which BatchNorm normalises with) and reciprocal standard deviation.
-    Check :func:`batch_norm_relu_applies` first; the output is channels-last like `x`."""
-    channels = x.shape[1]
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    mean, var, invstd = (x.new_empty(channels) for _ in range(3))
-    status = library().sret_batch_norm_relu(
-        x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), x.numel() // channels, channels, eps,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native BatchNorm could not allocate its buffers")
-    return y, mean, var, invstd
-
-
-def batch_norm_relu_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`batch_norm_relu` for x, weight and bias, from the input and the mean and
-    reciprocal standard deviation it wrote (ReLU's mask is recomputed from them)."""
-    grad = grad.contiguous(memory_format=torch.channels_last)
-    channels = x.shape[1]
-    dx, dweight, dbias = torch.empty_like(grad), x.new_empty(channels), x.new_empty(channels)
-    status = library().sret_batch_norm_relu_backward(
-        grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
-        mean.data_ptr(), invstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-        x.numel() // channels, channels, torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native BatchNorm backward could not allocate its buffers")
-    return dx, dweight, dbias

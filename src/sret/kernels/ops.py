@@ -39,9 +39,6 @@ for _schema in (
     "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
     " -> (Tensor, Tensor, Tensor)",
     "scaled_residual_bf16(Tensor x, Tensor branch, Tensor skip) -> Tensor",
-    "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
-    "batch_norm_relu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
-    " Tensor invstd) -> (Tensor, Tensor, Tensor)",
 ):
     _name, _, _signature = _schema.partition("(")
     torch.library.define(f"sret::{_name}", f"({_signature}")
@@ -259,37 +256,6 @@ def _conv_bn_relu_flops(x_shape, w_shapes, b_shapes, stride, padding, **kwargs) 
         width = _conv_out(width, w_shape[-1], stride, padding)
         flops += 2 * x_shape[0] * height * width * math.prod(w_shape)
     return flops
-
-
-# ---- stem: BatchNorm on batch statistics -> ReLU, training ----------------------------------------
-@torch.library.impl("sret::batch_norm_relu", "CPU")
-def batch_norm_relu(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`relu(batch_norm(x))` on the batch's statistics, then the per-channel mean, biased variance and
-    reciprocal standard deviation, in SReT's C kernel (check `native.batch_norm_relu_applies` first)."""
-    return native.batch_norm_relu(x, weight, bias, eps)
-
-
-@torch.library.register_fake("sret::batch_norm_relu")
-def _batch_norm_relu_fake(x, weight, bias, eps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    stats = x.new_empty(x.shape[1])
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    return y, stats, torch.empty_like(stats), torch.empty_like(stats)
-
-
-@torch.library.impl("sret::batch_norm_relu_backward", "CPU")
-def batch_norm_relu_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`batch_norm_relu` for x, weight and bias."""
-    return native.batch_norm_relu_backward(grad, x, weight, bias, mean, invstd)
-
-
-@torch.library.register_fake("sret::batch_norm_relu_backward")
-def _batch_norm_relu_backward_fake(grad, x, weight, bias, mean, invstd) -> tuple[Tensor, Tensor, Tensor]:
-    dx = torch.empty_like(x, memory_format=torch.channels_last)
-    return dx, torch.empty_like(weight), torch.empty_like(bias)
 
 
 # ---- LayerNorm (into bf16 under autocast), and the residual of a bf16 branch -------------------------
