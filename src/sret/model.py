@@ -484,9 +484,9 @@ def residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm over channels, for the norms whose output goes straight into a product: the fast
-    path runs SReT's C kernel, and under bf16 autocast writes the output in bf16, the dtype that product
-    takes (:func:`kernels.layer_norm`)."""
+    """nn.LayerNorm over channels, for the norms whose output goes straight into a product: under bf16
+    autocast the fast path writes the output in bf16, the dtype that product takes, in SReT's C kernel
+    (:func:`kernels.layer_norm`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.active(x):

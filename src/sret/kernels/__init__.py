@@ -15,8 +15,8 @@ What the entry points do differently:
   oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
   are cast, and attention in the C kernel, in fp32 on the bf16 values, which outruns torch's bf16
   kernel at SReT's shapes;
-- LayerNorm's forward in SReT's C kernel (fp32 where it is built for AVX-512); under bf16 autocast
-  written straight in bf16 from the fp32 residual stream and back-propagated from the bf16 gradient,
+- under bf16 autocast, LayerNorm in SReT's C kernel, written straight in bf16 from the fp32 residual
+  stream and back-propagated from the bf16 gradient,
   and a bf16 branch added to that stream in one pass (:mod:`sret.kernels.native`);
 - under bf16 autocast, the pooling's depthwise convolutions kept in fp32 (:func:`depthwise_conv`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
@@ -151,17 +151,15 @@ def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """`F.layer_norm` over the last dim, in SReT's C kernel for fp32 `x` and affine fp32 parameters
-    (in fp32 where :func:`sret.kernels.native.fp32_layer_norm` holds). Under bf16 autocast the result is
-    bf16, the dtype the product that follows takes it in (autocast's LayerNorm writes fp32, which that
-    product then casts): one pass instead of three."""
+    """`F.layer_norm` over the last dim. Under bf16 autocast, for fp32 `x` and affine fp32 parameters,
+    in SReT's C kernel, its result bf16, the dtype the product that follows takes it in (autocast's
+    LayerNorm writes fp32, which that product then casts): one pass instead of three."""
     params, bf16 = (weight, bias), precision() == torch.bfloat16
-    runs = (bf16 or native.fp32_layer_norm()) and native.passes_apply(x)
-    if not runs or any(p is None or p.dtype != torch.float32 for p in params):
+    if not (bf16 and native.passes_apply(x)) or any(p is None or p.dtype != torch.float32 for p in params):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     if _autograd(x, *params):
-        return LayerNorm.apply(x, weight, bias, eps, bf16)[0]
-    return sret_ops.layer_norm(x, weight, bias, eps, False, bf16)[0]
+        return LayerNorm.apply(x, weight, bias, eps)[0]
+    return sret_ops.layer_norm(x, weight, bias, eps, False)[0]
 
 
 def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:

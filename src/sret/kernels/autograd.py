@@ -138,16 +138,16 @@ class TokenPermutation(torch.autograd.Function):
 
 class LayerNorm(torch.autograd.Function):
     """LayerNorm over the last dim in SReT's C kernel (:func:`sret.kernels.ops.layer_norm`), written in
-    fp32 or bf16; its backward (:func:`sret.kernels.ops.layer_norm_backward`) starts from the row
+    bf16; its backward (:func:`sret.kernels.ops.layer_norm_backward`) starts from the row
     statistics the forward kept and the gradient as the next product gives it."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, bf16: bool) -> tuple[Tensor, ...]:
-        return sret_ops.layer_norm(x, weight, bias, eps, True, bf16)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, ...]:
+        return sret_ops.layer_norm(x, weight, bias, eps, True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        x, weight, _, _, _ = inputs
+        x, weight, _, _ = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
@@ -157,4 +157,4 @@ class LayerNorm(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         with torch.no_grad():
             grads = sret_ops.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight)
-        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None, None)
+        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None)

@@ -8,9 +8,8 @@ a time from the qkv projection's output and writes the result, or the qkv gradie
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
 forward and backward (`benchmarks/README.md`).
 
-`csrc/norm.c` runs LayerNorm over the channels faster than torch's kernel at SReT's 64-256 channels
-where it is built for AVX-512 (:func:`fp32_layer_norm`); under bf16 autocast it writes the norm's bf16
-output from the fp32 residual stream in one pass (torch: LayerNorm, then a cast), back-propagates
+Under bf16 autocast `csrc/norm.c` writes LayerNorm's bf16 output from the fp32 residual stream in
+one pass (torch: LayerNorm, then a cast), back-propagates
 from the bf16 gradient without widening it, and adds a bf16 branch to that stream in one pass.
 
 The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
@@ -126,7 +125,6 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = argtypes, i
     single = {  # fp32 in, bf16 in or out (the passes between a bf16 block's products), or fp32 only
         "layer_norm_bf16": [p, p, p, p, p, p, n, i, f, i],
-        "layer_norm": [p, p, p, p, p, p, n, i, f, i],
         "scaled_residual_bf16": [p, p, f, p, n, i],
         "layer_norm_backward_bf16": [p, p, p, p, p, p, p, p, n, i, i],
     }
@@ -225,18 +223,17 @@ def gelu_backward(
 
 
 def layer_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool, dtype: torch.dtype
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`F.layer_norm(x, (C,), weight, bias, eps)` of a contiguous fp32 `x` (fp32 weight and bias of C),
-    computed in fp32 and written in `dtype` (fp32, or bf16 for the product that follows under
-    autocast); with `keep_stats`, also each row's mean and reciprocal standard deviation (fp32, shaped
+    computed in fp32 and written in bf16 for the product that follows under autocast; with
+    `keep_stats`, also each row's mean and reciprocal standard deviation (fp32, shaped
     `x.shape[:-1] + (1,)`, as torch's LayerNorm backward takes them)."""
     rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-    y = torch.empty_like(x, dtype=dtype)
+    y = torch.empty_like(x, dtype=torch.bfloat16)
     mean = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
     rstd = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
-    kernel = library().sret_layer_norm_bf16 if dtype == torch.bfloat16 else library().sret_layer_norm
-    kernel(
+    library().sret_layer_norm_bf16(
         x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(),
         mean.data_ptr() if keep_stats else None, rstd.data_ptr() if keep_stats else None,
         rows, cols, eps, torch.get_num_threads(),
@@ -267,13 +264,6 @@ def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: float) -> Tensor:
         x.data_ptr(), branch.data_ptr(), skip, out.data_ptr(), x.numel(), torch.get_num_threads()
     )
     return out
-
-
-def fp32_layer_norm() -> bool:
-    """Whether fp32 LayerNorm runs in the kernel: where it is built for AVX-512 it measured faster than
-    torch's kernel at SReT's widths; the AVX2 build was slower at 256 channels, so there torch's runs.
-    (Its backward is torch's: the kernel's measured no faster in fp32.)"""
-    return isa() == "AVX512" and library() is not None
 
 
 def passes_apply(x: Tensor, other: Tensor | None = None) -> bool:

@@ -34,7 +34,7 @@ for _schema in (
     "sliced_attention_backward(Tensor grad, Tensor qkv, Tensor out, Tensor lse, int groups, int heads,"
     " float scale) -> Tensor",
     "conv_bn_relu(Tensor x, Tensor[] weights, Tensor[] biases, int stride, int padding) -> Tensor",
-    "layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats, bool bf16)"
+    "layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats)"
     " -> (Tensor, Tensor, Tensor)",
     "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
     " -> (Tensor, Tensor, Tensor)",
@@ -261,20 +261,18 @@ def _conv_bn_relu_flops(x_shape, w_shapes, b_shapes, stride, padding, **kwargs) 
 # ---- LayerNorm (into bf16 under autocast), and the residual of a bf16 branch -------------------------
 @torch.library.impl("sret::layer_norm", "CPU")
 def layer_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool, bf16: bool
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim of fp32 `x`, written in fp32 or (`bf16`) bf16, in SReT's C kernel
-    (check `native.passes_apply` first); then each row's mean and reciprocal standard deviation, or
-    empty."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    y, mean, rstd = native.layer_norm(x, weight, bias, eps, keep_stats, dtype)
+    """LayerNorm over the last dim of fp32 `x`, written in bf16, in SReT's C kernel (check
+    `native.passes_apply` first); then each row's mean and reciprocal standard deviation, or empty."""
+    y, mean, rstd = native.layer_norm(x, weight, bias, eps, keep_stats)
     return y, mean if keep_stats else _empty(x), rstd if keep_stats else _empty(x)
 
 
 @torch.library.register_fake("sret::layer_norm")
-def _layer_norm_fake(x, weight, bias, eps, keep_stats, bf16) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_fake(x, weight, bias, eps, keep_stats) -> tuple[Tensor, Tensor, Tensor]:
     stats = x.new_empty(*x.shape[:-1], 1) if keep_stats else _empty(x)
-    y = torch.empty_like(x, dtype=torch.bfloat16 if bf16 else torch.float32)
+    y = torch.empty_like(x, dtype=torch.bfloat16)
     return y, stats, torch.empty_like(stats)
 
 

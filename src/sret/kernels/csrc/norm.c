@@ -9,8 +9,6 @@
  * elementwise kernel several times slower than an fp32 one. Here LayerNorm reads each fp32 row once
  * and writes the bf16 row the product takes (per-row mean and reciprocal standard deviation kept for
  * the backward), and the residual `skip * x + branch` is one pass that widens the branch as it reads.
- * In fp32 the same LayerNorm writes fp32: at SReT's 64-256 channels, built for AVX-512, it takes less
- * time per row than torch's kernel (benchmarks/README.md).
  *
  * LayerNorm: mean, then the variance as the mean of squared deviations (two passes over a row that
  * stays in L1, as stable as torch's), y = (x - mean) * rstd * weight + bias in fp32, rounded once to
@@ -25,9 +23,8 @@
 
 #include "vector_math.h"
 
-/* y16 (bf16) or, where it is NULL, y32 (fp32) receives the output. */
-static void layer_norm_rows(const float *x, const float *weight, const float *bias, unsigned short *y16,
-                            float *y32, float *mean, float *rstd, long r0, long r1, int cols, float eps) {
+static void layer_norm_rows(const float *x, const float *weight, const float *bias, unsigned short *y,
+                            float *mean, float *rstd, long r0, long r1, int cols, float eps) {
     for (long r = r0; r < r1; r++) {
         const float *row = x + r * cols;
         vec sum = v_zero();
@@ -45,36 +42,21 @@ static void layer_norm_rows(const float *x, const float *weight, const float *bi
             vmask valid = v_first(cols - c);
             vec norm = v_mul(v_sub(v_loadz(valid, row + c), m), s);
             vec out = v_fmadd(norm, v_loadz(valid, weight + c), v_loadz(valid, bias + c));
-            if (y16)
-                v_store_bf16(y16 + r * cols + c, valid, out);
-            else
-                v_storem(y32 + r * cols + c, valid, out);
+            v_store_bf16(y + r * cols + c, valid, out);
         }
         if (mean) mean[r] = mu, rstd[r] = inv;
-    }
-}
-
-static void layer_norm(const float *x, const float *weight, const float *bias, unsigned short *y16, float *y32,
-                       float *mean, float *rstd, long rows, int cols, float eps, int threads) {
-    if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), count = omp_get_num_threads();
-        layer_norm_rows(x, weight, bias, y16, y32, mean, rstd, rows * t / count, rows * (t + 1) / count, cols, eps);
     }
 }
 
 /* x: rows x cols fp32; y: rows x cols bf16; mean, rstd: rows floats, or both NULL. 0 on success. */
 int sret_layer_norm_bf16(const float *x, const float *weight, const float *bias, unsigned short *y, float *mean,
                          float *rstd, long rows, int cols, float eps, int threads) {
-    layer_norm(x, weight, bias, y, 0, mean, rstd, rows, cols, eps, threads);
-    return 0;
-}
-
-/* As sret_layer_norm_bf16, y fp32. */
-int sret_layer_norm(const float *x, const float *weight, const float *bias, float *y, float *mean, float *rstd,
-                    long rows, int cols, float eps, int threads) {
-    layer_norm(x, weight, bias, 0, y, mean, rstd, rows, cols, eps, threads);
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        layer_norm_rows(x, weight, bias, y, mean, rstd, rows * t / count, rows * (t + 1) / count, cols, eps);
+    }
     return 0;
 }
 
