@@ -12,9 +12,9 @@ Under bf16 autocast `csrc/norm.c` writes LayerNorm's bf16 output from the fp32 r
 one pass (torch: LayerNorm, then a cast), back-propagates
 from the bf16 gradient without widening it, and adds a bf16 branch to that stream in one pass.
 
-The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
-through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three, in fp32 or,
-under bf16 autocast, on bf16 tensors (computed in fp32).
+The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed and the gradient through
+it; one pass of `csrc/gelu.c` gives both, in fp32 or, under bf16 autocast, on bf16 tensors (computed
+in fp32).
 
 They are built for the instruction set torch runs at, AVX-512 or AVX2 with FMA (one source,
 `csrc/vector_math.h`), and need, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
@@ -117,7 +117,7 @@ def library() -> ctypes.CDLL | None:
     signatures = {
         "attention_forward": [p, p, p, i, i, i, i, f, i],
         "attention_backward": [p, p, p, p, p, i, i, i, i, f, i],
-        "gelu_backward": [p, p, p, p, n, i, i],
+        "gelu_backward": [p, p, p, n, i],
     }
     for name, argtypes in signatures.items():
         for storage in ("", "_bf16"):  # each kernel comes for fp32 and for bf16 tensors
@@ -203,23 +203,13 @@ def gelu_backward_applies(h: Tensor, grad: Tensor) -> bool:
     )
 
 
-def gelu_backward(
-    h: Tensor, grad: Tensor, need_hidden: bool, need_bias: bool
-) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    """`gelu(h)` (if `need_hidden`), `grad * gelu'(h)` and, if `need_bias`, its sums over all but the
-    last dim, in one pass. The gradient is computed in place: `grad` is overwritten and returned.
-    bf16 tensors are computed in fp32 and rounded back; the sums are fp32 either way."""
-    hidden = torch.empty_like(h) if need_hidden else None
-    bias = h.new_empty(h.shape[-1], dtype=torch.float32) if need_bias else None
+def gelu_backward(h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """`gelu(h)` and `grad * gelu'(h)` in one pass. The gradient is computed in place: `grad` is
+    overwritten and returned. bf16 tensors are computed in fp32 and rounded back."""
+    hidden = torch.empty_like(h)
     kernel = _kernel("gelu_backward", h.dtype)
-    status = kernel(
-        h.data_ptr(), grad.data_ptr(), hidden.data_ptr() if need_hidden else None,
-        bias.data_ptr() if need_bias else None, h.numel() // h.shape[-1], h.shape[-1],
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native GELU backward could not allocate its buffers")
-    return hidden, grad, bias
+    kernel(h.data_ptr(), grad.data_ptr(), hidden.data_ptr(), h.numel(), torch.get_num_threads())
+    return hidden, grad
 
 
 def layer_norm(

@@ -98,33 +98,23 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 
 def linear_backward(
-    grad: Tensor,
-    x: Tensor | None,
-    weight: Tensor,
-    need_x: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of `F.linear(x, weight, bias)` for the input, weight and bias from the output's
-    (contiguous) gradient, each only where asked (`x` may be None without `need_weight`). The bias
-    gradient is a pass over `grad`: skip it where a fused kernel already summed the gradient."""
+    grad: Tensor, x: Tensor, weight: Tensor, need_x: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Gradients of `F.linear(x, weight, bias)` for the input (only where asked), weight and bias from
+    the output's (contiguous) gradient."""
     rows = grad.reshape(-1, grad.shape[-1])
-    grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight) if need_weight else None
+    grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight)
     grad_x = linear(grad, weight.t()) if need_x else None
-    return grad_x, grad_weight, rows.sum(0) if need_bias else None
+    return grad_x, grad_weight, rows.sum(0)
 
 
-def gelu_backward(h: Tensor, grad: Tensor, need_hidden: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """From the pre-activation `h` and the gradient of `gelu(h)`: `gelu(h)` if `need_hidden`, the
-    gradient of `h`, and its sums over all but the last dim (a following linear layer's input and
-    its bias gradient), all in `h`'s dtype. One pass in :mod:`sret.kernels.native` where it runs
-    (overwriting `grad`), three torch ops elsewhere."""
+def gelu_backward(h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """From the pre-activation `h` and the gradient of `gelu(h)`: `gelu(h)` (a following linear layer's
+    input) and the gradient of `h`, in `h`'s dtype. One pass in :mod:`sret.kernels.native` where it
+    runs (overwriting `grad`), two torch ops elsewhere."""
     if native.gelu_backward_applies(h, grad):
-        hidden, grad_h, grad_bias = native.gelu_backward(h, grad, need_hidden, True)
-        return hidden, grad_h, grad_bias.to(h.dtype)
-    hidden = F.gelu(h) if need_hidden else None
-    grad_h = torch.ops.aten.gelu_backward(grad, h)
-    return hidden, grad_h, grad_h.reshape(-1, grad_h.shape[-1]).sum(0)
+        return native.gelu_backward(h, grad)
+    return F.gelu(h), torch.ops.aten.gelu_backward(grad, h)
 
 
 def conv_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:

@@ -131,10 +131,10 @@ def mlp_backward(
     hidden_width = w1.shape[0]
     w1, _, w2 = _padded(w1, w1.new_empty(w1.shape[0]), w2)
     grad = grad.contiguous()
-    hidden, grad_h, grad_b1 = onednn.gelu_backward(h, onednn.linear(grad, w2.t()), True)
+    hidden, grad_h = onednn.gelu_backward(h, onednn.linear(grad, w2.t()))
     _, grad_w2, grad_b2 = onednn.linear_backward(grad, hidden, w2, False)
     del hidden
-    grad_x, grad_w1, _ = onednn.linear_backward(grad_h, x, w1, need_x, need_bias=False)  # b1: above
+    grad_x, grad_w1, grad_b1 = onednn.linear_backward(grad_h, x, w1, need_x)
     if grad_w1.shape[0] != hidden_width:
         grad_w1, grad_b1 = grad_w1[:hidden_width], grad_b1[:hidden_width]
         grad_w2 = grad_w2[:, :hidden_width].contiguous()
