@@ -694,9 +694,8 @@ def fused_kernels_apply(cfg: BenchConfig) -> bool:
 
 def native_attention_applies(cfg: BenchConfig) -> bool:
     """Whether SReT attends (and, training, back-propagates its GELUs) in its own C kernels
-    (:mod:`sret.kernels.native`) in this configuration: eager fp32 or bf16-autocast CPU steps, where
-    they are available."""
-    if cfg.compile or cfg.amp not in (None, "bf16") or torch.device(cfg.device).type != "cpu":
+    (:mod:`sret.kernels.native`) in this configuration: eager fp32 CPU steps, where they are available."""
+    if cfg.compile or cfg.amp is not None or torch.device(cfg.device).type != "cpu":
         return False
     return native.library() is not None
 
@@ -882,9 +881,8 @@ def print_report(result: dict[str, Any]) -> None:
         ran.append(f"{what} (sret.kernels)")
     if result.get("sret_native_attention"):
         what = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
-        storage = ", in fp32 on the bf16 tensors" if cfg["amp"] == "bf16" else ""
         build = f", built for {result['sret_native_isa']}" if result.get("sret_native_isa") else ""
-        ran.append(f"{what} in its own C kernels{storage} (sret.kernels.native{build})")
+        ran.append(f"{what} in its own C kernels (sret.kernels.native{build})")
     if ran:
         notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
     if cfg["memory"]:

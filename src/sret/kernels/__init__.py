@@ -11,19 +11,14 @@ What the entry points do differently:
   (:mod:`sret.kernels.onednn`);
 - SReT's own C kernels for attention within token groups and for the MLP's GELU backward
   (:mod:`sret.kernels.native`; x86 with AVX-512 or AVX2, else torch's kernels run);
-- under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
-  oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
-  are cast, and attention in the C kernel, in fp32 on the bf16 values, which outruns torch's bf16
-  kernel at SReT's shapes;
-- under bf16 autocast, LayerNorm in SReT's C kernel, written straight in bf16 from the fp32 residual
-  stream and back-propagated from the bf16 gradient,
-  and a bf16 branch added to that stream in one pass (:mod:`sret.kernels.native`);
-- under bf16 autocast, the pooling's depthwise convolutions kept in fp32 (:func:`depthwise_conv`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
   widths padded to a multiple of 8;
 - autograd Functions that keep less for backward or back-propagate in fewer passes
   (:mod:`sret.kernels.autograd`).
+
+They run in fp32 only: under autocast (`--amp bf16` on a CPU) the plain modules run, as torch's
+autocast casts them.
 
 The kernels are registered operators (`torch.ops.sret.*`, :mod:`sret.kernels.ops`) with fake
 implementations and flop formulas, so FlopCounterMode, FakeTensorMode and `torch.func` transforms
@@ -41,27 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sret.kernels import native, onednn
-from sret.kernels.autograd import (
-    MLP,
-    LayerNorm,
-    Linear,
-    ScaledResidual,
-    SlicedAttention,
-    TokenPermutation,
-)
+from sret.kernels import native
+from sret.kernels.autograd import MLP, Linear, ScaledResidual, SlicedAttention, TokenPermutation
 
 __all__ = [
     "active",
     "attend",
     "conv_bn_relu",
-    "depthwise_conv",
     "disabled",
     "fold_batchnorm",
-    "layer_norm",
     "linear",
     "mlp",
-    "precision",
     "scaled_residual",
     "sliced_attention",
 ]
@@ -70,36 +55,17 @@ sret_ops = torch.ops.sret
 _enabled = os.environ.get("SRET_KERNELS", "1") != "0"
 
 
-def precision() -> torch.dtype | None:
-    """The dtype the fast paths compute their products in: fp32, or bf16 under CPU autocast to bf16
-    (the residual stream stays in fp32 there, as autocast keeps it) where oneDNN has bf16 kernels;
-    None under autocast to another dtype, or to bf16 on a CPU without them (one held to AVX2, where
-    the fast paths were slower than torch's own), which the plain modules serve."""
-    if not torch.is_autocast_enabled("cpu"):
-        return torch.float32
-    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and onednn.ONEDNN_BF16
-    return torch.bfloat16 if bf16 else None
-
-
 def active(x: Tensor) -> bool:
-    """The one predicate of the fast paths: eager work on the CPU in fp32 (bf16 inputs too, under
-    autocast to bf16), not being compiled, exported or traced into a graph, and not switched off
-    (`SRET_KERNELS=0`, :func:`disabled`)."""
-    dtype = precision()
+    """The one predicate of the fast paths: eager work on the CPU in fp32 outside autocast, not being
+    compiled, exported or traced into a graph, and not switched off (`SRET_KERNELS=0`,
+    :func:`disabled`)."""
     return (
         _enabled
         and x.device.type == "cpu"
-        and dtype is not None
-        and x.dtype in (torch.float32, dtype)
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
     )
-
-
-def lowered(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The tensors in :func:`precision`'s dtype (a differentiable cast, so gradients reach the fp32
-    parameters in fp32): what autocast does to a product's operands, done before the kernels see them."""
-    dtype = precision()
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 @contextmanager
@@ -126,7 +92,6 @@ def gained(weight: Tensor, bias: Tensor, gain: Tensor | None) -> tuple[Tensor, T
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.linear(x, weight, bias)`."""
-    x, weight, bias = lowered(x, weight, bias)
     if _autograd(x, weight, bias):
         return Linear.apply(x, weight, bias)
     return sret_ops.linear(x, weight, bias)
@@ -135,31 +100,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gain: Tensor | None = None) -> Tensor:
     """`gain * F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)` (exact, erf GELU)."""
     w2, b2 = gained(w2, b2, gain)
-    x, w1, b1, w2, b2 = lowered(x, w1, b1, w2, b2)
     if _autograd(x, w1, b1, w2, b2):
         return MLP.apply(x, w1, b1, w2, b2)[0]
     return sret_ops.mlp(x, w1, b1, w2, b2, False)[0]
 
 
 def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-    """`skip * x + branch` in one pass (of SReT's C kernel where the branch is bf16 under autocast)."""
+    """`skip * x + branch` in one pass."""
     if _autograd(x, branch, skip):
         return ScaledResidual.apply(x, branch, skip)
-    if native.passes_apply(x, branch):
-        return sret_ops.scaled_residual_bf16(x, branch, skip)
     return torch.addcmul(branch, x, skip)
-
-
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """`F.layer_norm` over the last dim. Under bf16 autocast, for fp32 `x` and affine fp32 parameters,
-    in SReT's C kernel, its result bf16, the dtype the product that follows takes it in (autocast's
-    LayerNorm writes fp32, which that product then casts): one pass instead of three."""
-    params, bf16 = (weight, bias), precision() == torch.bfloat16
-    if not (bf16 and native.passes_apply(x)) or any(p is None or p.dtype != torch.float32 for p in params):
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    if _autograd(x, *params):
-        return LayerNorm.apply(x, weight, bias, eps)[0]
-    return sret_ops.layer_norm(x, weight, bias, eps, False)[0]
 
 
 def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:
@@ -178,8 +128,7 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
     """Multi-head attention within `groups` contiguous token groups of a qkv projection's output.
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
-    Returns (B, groups * n, C), in the dtype of `qkv`. Runs SReT's C kernel where it applies (unmasked;
-    fp32 products); else heads are split
+    Returns (B, groups * n, C). Runs SReT's C kernel where it applies (unmasked); else heads are split
     and short sequences attend by two matrix products and a softmax, longer or masked ones in
     `F.scaled_dot_product_attention`. torch's CPU flash-attention kernel works through 32-query blocks
     one small GEMM at a time, slower than the unfused products on 49-token groups with 32-wide heads;
@@ -225,14 +174,6 @@ def sliced_attention(
     return linear(x, *gained(proj.weight, proj.bias, gain))
 
 
-def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """`conv(x)` for a depthwise convolution (the pooling between stages), in fp32 even under bf16
-    autocast: it holds a negligible share of the model's MACs, and oneDNN's bf16 depthwise kernels
-    took two to three times as long as its fp32 ones, forward and backward (benchmarks/README.md)."""
-    with torch.autocast("cpu", enabled=False):
-        return conv(x.float())
-
-
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Weight and bias of `bn(conv(x))` as one convolution, using the running statistics."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
@@ -247,5 +188,4 @@ def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) 
     if any(conv.stride != (stride, stride) or conv.padding != (padding, padding) for conv, _ in layers):
         raise ValueError("conv_bn_relu's layers must share one square stride and padding")
     weights, biases = zip(*(fold_batchnorm(conv, bn) for conv, bn in layers), strict=True)
-    x, *weights = lowered(x, *weights)
-    return sret_ops.conv_bn_relu(x, list(weights), list(lowered(*biases)), stride, padding)
+    return sret_ops.conv_bn_relu(x, list(weights), list(biases), stride, padding)

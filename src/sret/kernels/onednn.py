@@ -35,9 +35,6 @@ def _has_onednn_ops() -> bool:
 
 
 ONEDNN_OPS = _has_onednn_ops()
-# oneDNN's bf16 kernels need AVX-512 (bf16 dot products or AMX tiles where the CPU has them); on older
-# CPUs bf16 products take torch's path.
-ONEDNN_BF16 = ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 # Smallest product (multiply-accumulates) given to oneDNN: a oneDNN call costs more fixed time than
 # torch's default, which outweighs its faster kernel below a few million MACs (sret_nano's layers
@@ -53,12 +50,12 @@ CONV_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 def applies(x: Tensor, macs: int | None = None) -> bool:
     """Whether oneDNN runs a product of `macs` multiply-accumulates (any size when None) on the fp32
-    or bf16 CPU tensor `x`."""
+    CPU tensor `x`."""
     return (
         ONEDNN_OPS
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
-        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16))
+        and x.dtype == torch.float32
         and (macs is None or macs >= ONEDNN_MIN_MACS)
     )
 
