@@ -141,7 +141,7 @@ def test_attention_timer_counts_forward_and_backward_and_restores_sdpa() -> None
     assert timer.seconds > forward  # the backward hooks fired
     attend = kernels.attend
     qkv = torch.randn(2, 16, 3 * 16, requires_grad=True)
-    with timer.timing():  # SReT's entry point (its own kernel or unfused products, not always SDPA)
+    with timer.timing():  # SReT's entry point (its own C kernel where it runs, else SDPA)
         out = kernels.attend(qkv * 1, 2, 2, 8**-0.5)
     forward = timer.seconds
     assert forward > 0 and kernels.attend is attend

@@ -119,21 +119,12 @@ def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:
     return x.index_select(1, index)
 
 
-# Longest sequence attended by plain matrix products instead of torch's fused CPU kernel, where
-# SReT's own kernel does not run.
-UNFUSED_ATTENTION_TOKENS = 64
-
-
 def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor | None = None) -> Tensor:
     """Multi-head attention within `groups` contiguous token groups of a qkv projection's output.
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
     Returns (B, groups * n, C). Runs SReT's C kernel where it applies (unmasked); else heads are split
-    and short sequences attend by two matrix products and a softmax, longer or masked ones in
-    `F.scaled_dot_product_attention`. torch's CPU flash-attention kernel works through 32-query blocks
-    one small GEMM at a time, slower than the unfused products on 49-token groups with 32-wide heads;
-    from 98 tokens on it was as fast, and keeps memory flat (benchmarks/README.md). The scale
-    multiplies the queries, not the scores, the smaller of the two at SReT's group lengths.
+    and attend in `F.scaled_dot_product_attention`.
     """
     B, N, width = qkv.shape
     n, dim = N // groups, width // 3
@@ -142,11 +133,8 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
             return SlicedAttention.apply(qkv, groups, heads, scale)[0]
         return sret_ops.sliced_attention(qkv, groups, heads, scale, False)[0]
     q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    if key_mask is None and n <= UNFUSED_ATTENTION_TOKENS:
-        x = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
-    else:
-        mask = None if key_mask is None else key_mask.repeat(B, 1, 1)[:, None]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = None if key_mask is None else key_mask.repeat(B, 1, 1)[:, None]
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return x.transpose(1, 2).reshape(B, N, dim)
 
 
