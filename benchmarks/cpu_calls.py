@@ -138,7 +138,7 @@ def attention(stages: list[dict], batch: int, repeats: int) -> list[dict]:
         scale = (dim // heads) ** -0.5
         for groups, n in stage["attention"]:
             qkv = torch.randn(batch, groups * n, 3 * dim)
-            if not native.applies(qkv, n, dim // heads):
+            if not (native.built() and native.applies(qkv, n, dim // heads)):
                 continue
             out, lse = native.attention_forward(qkv, groups, heads, scale, True)
             grad = torch.randn_like(out)

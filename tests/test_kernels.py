@@ -17,6 +17,7 @@ import sret
 from sret import kernels
 from sret.info import count_macs
 from sret.kernels import native, onednn
+from sret.kernels.table import always
 from sret.model import (
     ConvStem,
     FeedForward,
@@ -217,6 +218,40 @@ def test_kernels_step_aside_for_autocast_and_compilers() -> None:
     with kernels.disabled():
         assert not kernels.active(x)
     assert torch.compile(lambda t: t * kernels.active(t), fullgraph=True, backend="eager")(x).eq(0).all()
+
+
+def test_every_choice_ends_in_an_unconditional_otherwise() -> None:
+    """Each choice is one entry point's rows, the last taken when no other holds; only the gate's rows
+    run nothing (`active` answers with the row it takes)."""
+    for rows in kernels.CHOICES:
+        last = rows[-1]
+        assert last.when == "otherwise" and last.takes is always and last.ready is always
+        assert len({path.entry for path in rows}) == 1
+        assert all((path.run is None) is (rows is kernels.GATE) for path in rows)
+
+
+def test_modules_with_dropout_or_batchnorm_run_plain_where_the_kernels_cannot() -> None:
+    """The kernels drop nothing and fold BatchNorm's running statistics without a backward: a module
+    with dropout runs plain in training, one with BatchNorm in training or under autograd."""
+    x, image = torch.randn(2, 5, 16), torch.randn(1, 3, 16, 16)
+    dropping, stem = FeedForward(16, 32, drop=0.1), ConvStem(3, 16)
+    assert not kernels.active(x, dropping.train()) and kernels.active(x, dropping.eval())
+    assert kernels.active(x, FeedForward(16, 32).train())  # dropout of 0 drops nothing
+    assert not kernels.active(image, stem.eval())  # under autograd
+    with torch.no_grad():
+        assert kernels.active(image, stem) and not kernels.active(image, stem.train())
+
+
+def test_summary_and_paths_describe_the_callers_context() -> None:
+    x = torch.empty(0)
+    assert kernels.summary(x).startswith("sret.kernels: on")
+    ready = dict(((path.entry, path.runs), ready) for path, ready in kernels.paths())
+    assert ready[kernels.ATTEND[0].entry, kernels.ATTEND[0].runs] is native.built()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.summary(x) == f"sret.kernels: {kernels.GATE[2].runs} - {kernels.GATE[2].when}"
+        assert [ready for path, ready in kernels.paths() if path.entry == "active"][2]
+    assert kernels.summary(x, compiled=True).endswith(kernels.GATE[1].when)
+    assert kernels.active(x)  # describing a compiled step left nothing behind
 
 
 def r(*shape: int) -> Tensor:

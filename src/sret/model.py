@@ -440,9 +440,8 @@ class SlicedAttention(nn.Module):
     def forward(self, x: Tensor, layout: TokenGroups, gain: Tensor | None = None) -> Tensor:
         """`gain * proj(attention)`: the residual's branch gain is applied here, by the last linear
         layer of the branch, where the kernels fold it into its weights."""
-        if kernels.active(x) and not (self.training and self.attn_drop.p > 0):
-            x = kernels.sliced_attention(x, self.qkv, self.proj, self.num_heads, self.scale, layout, gain)
-            return self.proj_drop(x)
+        if kernels.active(x, self):
+            return kernels.sliced_attention(x, self.qkv, self.proj, self.num_heads, self.scale, layout, gain)
         B, _, C = x.shape
         G, n = layout.groups, layout.size
         if layout.gather is not None:  # permute (and pad) the tokens into G groups of n
@@ -495,9 +494,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         """`gain * fc2(...)`: see :meth:`SlicedAttention.forward`."""
-        if kernels.active(x) and not (self.training and self.drop.p > 0):
+        if kernels.active(x, self):
             fc1, fc2 = self.fc1, self.fc2
-            return self.drop(kernels.mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gain))
+            return kernels.mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gain)
         x = self.fc2(self.drop(self.act(self.fc1(x))))
         return self.drop(x if gain is None else x * gain)
 
@@ -617,7 +616,7 @@ class ConvStem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
-        if not (self.training or torch.is_grad_enabled()) and kernels.active(x):
+        if kernels.active(x, self):
             for _, run in itertools.groupby(layers, key=lambda layer: layer[0].stride):
                 x = kernels.conv_bn_relu(x, tuple(run))  # one call per run of equal strides
             return x

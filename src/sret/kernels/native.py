@@ -116,16 +116,20 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def built() -> bool:
+    """Whether the kernels are built and loaded in this process (:func:`library`)."""
+    return library() is not None
+
+
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
-    """Whether the kernel can attend this qkv projection output (a contiguous fp32 CPU tensor),
-    forward and backward."""
+    """Whether the attention kernel takes this qkv projection output (a contiguous fp32 CPU tensor, groups
+    of `tokens`, heads `head_dim` wide), forward and backward, once :func:`built`."""
     return (
         qkv.device.type == "cpu"
         and qkv.dtype == torch.float32
         and qkv.is_contiguous()
         and head_dim <= MAX_HEAD_DIM
         and tokens <= MAX_TOKENS
-        and library() is not None
     )
 
 
@@ -137,7 +141,7 @@ def attention_forward(
 
     qkv: (B, groups * n, 3 * C), the qkv projection's output (q, k, v, each `heads` heads of C / heads
     channels), contiguous fp32; returns (B, groups * n, C), heads side by side, as the output
-    projection takes them. Check :func:`applies` first."""
+    projection takes them. Check :func:`built` and :func:`applies` first."""
     batch, tokens, width = qkv.shape
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
@@ -169,12 +173,12 @@ def attention_backward(
 
 
 def gelu_backward_applies(h: Tensor, grad: Tensor) -> bool:
-    """Whether :func:`gelu_backward` runs on these (contiguous fp32 CPU, same shape) tensors."""
+    """Whether :func:`gelu_backward` takes these tensors (contiguous fp32 CPU, one shape), once
+    :func:`built`."""
     return (
         h.shape == grad.shape
         and h.dtype == grad.dtype == torch.float32
         and all(t.device.type == "cpu" and t.is_contiguous() for t in (h, grad))
-        and library() is not None
     )
 
 

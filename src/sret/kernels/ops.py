@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from sret.kernels import native, onednn
+from sret.kernels.table import Path, choose
 
 for _schema in (
     "linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
@@ -213,19 +214,42 @@ def _sliced_attention_backward_flops(
 
 
 # ---- stem: conv -> (folded) BatchNorm -> ReLU, inference ---------------------------------------------
+def _torch_conv_relu_layers(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], stride: int, padding: int
+) -> Tensor:
+    for weight, bias in zip(weights, biases, strict=True):
+        x = F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding))
+    return x
+
+
+# oneDNN's ReLU maps NaN to 0 where torch's keeps it, so an input with a non-finite value takes torch's
+# ops and gives their result, whatever else is in the batch. The test is one sum: any NaN or infinity
+# makes it non-finite (a sum that overflows only sends a finite input torch's way, same result).
+CONV_BN_RELU = (
+    Path(
+        "ops.conv_bn_relu",
+        "`onednn.conv_relu`, layer by layer",
+        "a finite input",
+        "BatchNorm folded into the weights, the ReLU in oneDNN's epilogue where it runs",
+        onednn.conv_relu_layers,
+        takes=lambda x, *_: bool(torch.isfinite(x.sum())),
+    ),
+    Path(
+        "ops.conv_bn_relu",
+        "`F.conv2d` and `F.relu`, layer by layer",
+        "otherwise",
+        "oneDNN's fused ReLU maps NaN to 0 where torch's keeps it",
+        _torch_conv_relu_layers,
+    ),
+)
+
+
 @torch.library.impl("sret::conv_bn_relu", "CPU")
 def conv_bn_relu(x: Tensor, weights: list[Tensor], biases: list[Tensor], stride: int, padding: int) -> Tensor:
     """`relu(conv2d(x, w, b))` for each layer in turn, BatchNorm already folded into (w, b), the ReLU
-    in oneDNN's kernel where it gains. oneDNN's ReLU maps NaN to 0 where torch's keeps it, so an input
-    with a non-finite value takes torch's ops and gives their result, whatever else is in the batch.
-    The test is one sum: any NaN or infinity makes it non-finite (a sum that overflows only sends a
-    finite input torch's way, with the same result). The output is channels-last."""
+    in oneDNN's kernel where it gains (:data:`CONV_BN_RELU`). The output is channels-last."""
     x = x.contiguous(memory_format=torch.channels_last)
-    if not bool(torch.isfinite(x.sum())):
-        for weight, bias in zip(weights, biases, strict=True):
-            x = F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding))
-        return x
-    return onednn.conv_relu_layers(x, weights, biases, stride, padding)
+    return choose(CONV_BN_RELU, x, weights, biases, stride, padding)
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
