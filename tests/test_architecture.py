@@ -116,3 +116,15 @@ def test_no_private_torch_api_and_no_autograd_function_in_the_model() -> None:
         source = path.read_text()
         assert "_C._" not in source and "_python_dispatch" not in source, path
     assert "autograd.Function" not in (SRC / "model.py").read_text()
+
+
+def test_the_doc_table_of_paths_is_the_table_in_code() -> None:
+    """docs/architecture.md's "Which path runs" table is sret.kernels.PATHS, row for row: one
+    description of what runs, which the code itself chooses by."""
+    from sret import kernels
+
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    section = doc.split("### Which path runs", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    cells = [tuple(cell.strip() for cell in line.strip("|").split(" | ")) for line in rows]
+    assert cells == [(f"`{p.entry}`", p.runs, p.when, p.why) for p in kernels.PATHS]

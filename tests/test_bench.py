@@ -20,11 +20,12 @@ from sret.bench import (
     PartTimer,
     build_model,
     contenders,
+    kernel_paths,
     model_parts,
     run_benchmark,
 )
 from sret.cli import app
-from sret.kernels import native, onednn
+from sret.kernels import native
 
 ROW_FIELDS = {
     "model",
@@ -59,9 +60,10 @@ def test_cli_bench_json_inference() -> None:
     doc = json.loads(result.stdout)
     assert {"device", "torch", "threads", "config", "matmul_peak_gflops", "rows", "comparisons"} <= set(doc)
     assert doc["matmul_peak_gflops"] > 0 and doc["threads"] >= 1
-    assert doc["sret_fused_kernels"] is onednn.ONEDNN_OPS  # eager fp32 CPU inference
-    assert doc["sret_native_attention"] is (native.library() is not None)
-    assert doc["sret_native_isa"] == (native.isa() if doc["sret_native_attention"] else None)
+    assert doc["sret_kernels"] == kernels.summary(torch.empty(0))  # eager fp32 CPU inference: on
+    assert [(r["entry"], r["runs"], r["ready"]) for r in doc["sret_paths"]] == [
+        (path.entry, path.runs, ready) for path, ready in kernels.paths()
+    ]
     labels = [r["label"] for r in doc["rows"]]
     assert labels == ["sret_nano", "deit_tiny_patch16_224", "pit_ti_224"]
     for row in doc["rows"]:
@@ -78,7 +80,7 @@ def test_training_with_checkpointing_comparison() -> None:
     cfg = BenchConfig(batch=2, img_size=32, train=True, warmup=0, repeats=1)
     entries = contenders(["sret_nano"], references=(), compare_checkpointing=True)
     doc = run_benchmark(entries, cfg)
-    assert doc["sret_fused_kernels"] is onednn.ONEDNN_OPS  # eager fp32 CPU training
+    assert doc["sret_kernels"].startswith("sret.kernels: on")  # eager fp32 CPU training
     json.dumps(doc)  # serialisable as is
     assert [r["label"] for r in doc["rows"]] == ["sret_nano", "sret_nano +ckpt"]
     assert [r["grad_checkpointing"] for r in doc["rows"]] == [False, True]
@@ -141,7 +143,7 @@ def test_attention_timer_counts_forward_and_backward_and_restores_sdpa() -> None
     assert timer.seconds > forward  # the backward hooks fired
     attend = kernels.attend
     qkv = torch.randn(2, 16, 3 * 16, requires_grad=True)
-    with timer.timing():  # SReT's entry point (its own kernel or unfused products, not always SDPA)
+    with timer.timing():  # SReT's entry point (its own C kernel where it runs, else SDPA)
         out = kernels.attend(qkv * 1, 2, 2, 8**-0.5)
     forward = timer.seconds
     assert forward > 0 and kernels.attend is attend
@@ -203,6 +205,18 @@ def test_bench_reports_time_and_macs_per_part(train: bool) -> None:
         assert all(p["gflops"] is None if p["macs"] == 0 else p["gflops"] > 0 for p in parts)
     with pytest.raises(ValueError, match="needs --device cpu and no --compile"):
         BenchConfig(part_time=True, compile=True)
+
+
+def test_bench_says_what_runs_under_autocast_and_compile() -> None:
+    """The kernels' own description, in the step's context: bf16 autocast and compiled steps run the
+    plain modules, and the report says so."""
+    amp, compiled = kernel_paths(BenchConfig(amp="bf16")), kernel_paths(BenchConfig(compile=True))
+    assert amp["sret_kernels"].startswith("sret.kernels: the plain modules, in torch's autocast")
+    assert compiled["sret_kernels"].startswith("sret.kernels: the plain modules - compiled")
+    args = ["bench", "sret_nano", "--img-size", "32", "--batch", "2", "--warmup", "0", "--repeats", "1"]
+    result = CliRunner().invoke(app, [*args, "--no-memory", "--no-reference", "--amp", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert "in torch's autocast" in result.output and "SReT's paths" in result.output
 
 
 def test_cli_bench_prints_the_part_table() -> None:

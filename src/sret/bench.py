@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from sret import kernels
 from sret.info import count_macs, macs_by_module
-from sret.kernels import native, onednn
+from sret.kernels import onednn
+from sret.kernels.table import always
 from sret.model import MODEL_CONFIGS  # importing the model registers the SReT variants with timm
 from sret.runtime import has_fused_adam, release_cpu_memory
 
@@ -639,6 +640,8 @@ def run_benchmark(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     import_model_files(cfg.model_files)
+    paths = kernel_paths(cfg)
+    log(paths["sret_kernels"])
     probe, probe_flop = matmul_probe(cfg.device, cfg.amp)
     prepared = []
     for entry in entries:
@@ -671,10 +674,7 @@ def run_benchmark(
         "device": device_info(cfg.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "sret_fused_kernels": fused_kernels_apply(cfg),
-        "sret_native_attention": native_attention_applies(cfg),
-        "sret_native_isa": native.isa() if native_attention_applies(cfg) else None,
-        "sret_amx_attention": cfg.amp == "bf16" and native_attention_applies(cfg) and native.amx_attention(),
+        **paths,
         "config": asdict(cfg),
         "matmul_peak_gflops": peak,
         "train_mac_factor": mac_factor(cfg),
@@ -683,23 +683,20 @@ def run_benchmark(
     }
 
 
-def fused_kernels_apply(cfg: BenchConfig) -> bool:
-    """Whether SReT runs its oneDNN kernels (:mod:`sret.kernels.onednn`) in this configuration: asked
-    of `kernels.active` in the step's own context (compiled steps never do)."""
-    if cfg.compile:
-        return False
+def kernel_paths(cfg: BenchConfig) -> dict[str, Any]:
+    """What SReT's kernels run in this configuration, as they describe it (:func:`sret.kernels.summary`,
+    :func:`sret.kernels.paths`), evaluated in the step's context (autocast, compiled or not)."""
     with autocast(cfg):
-        x = torch.empty(0, device=cfg.device)
-        return kernels.active(x) and onednn.applies(x)
-
-
-def native_attention_applies(cfg: BenchConfig) -> bool:
-    """Whether SReT attends (and, training, back-propagates its GELUs and, in fp32, runs its stem's
-    BatchNorm + ReLU) in its own C kernels (:mod:`sret.kernels.native`) in this configuration: eager
-    fp32 or bf16-autocast CPU steps, where they are available."""
-    if cfg.compile or cfg.amp not in (None, "bf16") or torch.device(cfg.device).type != "cpu":
-        return False
-    return native.library() is not None
+        line = kernels.summary(torch.empty(0, device=cfg.device), compiled=cfg.compile)
+        rows = kernels.paths(compiled=cfg.compile)
+    fields = ("entry", "runs", "when", "why")
+    return {
+        "sret_kernels": line,
+        "sret_paths": [
+            {k: getattr(path, k) for k in fields} | {"ready": ready, "per_call": path.takes is not always}
+            for path, ready in rows
+        ],
+    }
 
 
 def _row(p: _Prepared, cfg: BenchConfig, peak: float) -> BenchRow:
@@ -873,36 +870,33 @@ def print_report(result: dict[str, Any]) -> None:
     if timed_attention:
         passes = "forward + backward" if cfg["train"] else "forward"
         notes.append(f"attn ms = median time per step inside attention ({passes})")
-    ran = []
-    if result.get("sret_fused_kernels"):
-        what = (
-            "its larger linear layers' products in oneDNN"
-            if cfg["train"]
-            else "its larger linear/conv layers in oneDNN with bias, GELU and ReLU fused"
-        )
-        ran.append(f"{what} (sret.kernels)")
-    if result.get("sret_native_attention"):
-        what = "its attention and its MLPs' GELU backward" if cfg["train"] else "its attention"
-        if cfg["train"] and cfg["amp"] is None:  # fp32 only: under autocast the stem's convs give bf16
-            what = "its attention, its MLPs' GELU backward and its stem's BatchNorm + ReLU"
-        storage = ""
-        if cfg["amp"] == "bf16":
-            tiles = result.get("sret_amx_attention")
-            storage = ", the attention's products in AMX tiles" if tiles else ", in fp32 on the bf16 tensors"
-        build = f", built for {result['sret_native_isa']}" if result.get("sret_native_isa") else ""
-        ran.append(f"{what} in its own C kernels{storage} (sret.kernels.native{build})")
-    if ran:
-        notes.append(f"SReT ran {' and '.join(ran)}; timm's models run torch's default kernels")
+    notes.append(f"SReT: {result['sret_kernels']}; timm's models run torch's default kernels")
     if cfg["memory"]:
         total = "allocated (CUDA)" if cfg["device"].startswith("cuda") else "RSS of a fresh process"
         held = "weights, grads, AdamW state, batch" if cfg["train"] else "weights and batch"
         notes.append(f"act. = memory a step adds to {held}; peak = total {total}")
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
+    _print_paths(console, result["sret_paths"])
     if cfg.get("part_time"):
         _print_parts(console, result)
     for comparison in result["comparisons"]:
         console.print(f"{comparison['what']}: [bold]{comparison['value']:.2f}[/bold]")
+
+
+def _print_paths(console: Any, paths: list[dict[str, Any]]) -> None:
+    """SReT's paths (sret.kernels.PATHS): each entry point tries its rows in order and takes the first
+    whose condition holds. "here" says whether the row can be taken in this run: no, yes, or per call
+    (its condition also reads each call's inputs)."""
+    from rich.table import Table
+
+    table = Table(title="SReT's paths (sret.kernels.PATHS), tried in order per entry point")
+    for col in ("entry point", "runs", "when", "here"):
+        table.add_column(col)
+    for row in paths:
+        here = "per call" if row["ready"] and row["per_call"] else "yes" if row["ready"] else "no"
+        table.add_row(row["entry"], row["runs"], row["when"], here)
+    console.print(table)
 
 
 def _print_parts(console: Any, result: dict[str, Any]) -> None:

@@ -440,9 +440,8 @@ class SlicedAttention(nn.Module):
     def forward(self, x: Tensor, layout: TokenGroups, gain: Tensor | None = None) -> Tensor:
         """`gain * proj(attention)`: the residual's branch gain is applied here, by the last linear
         layer of the branch, where the kernels fold it into its weights."""
-        if kernels.active(x) and not (self.training and self.attn_drop.p > 0):
-            x = kernels.sliced_attention(x, self.qkv, self.proj, self.num_heads, self.scale, layout, gain)
-            return self.proj_drop(x)
+        if kernels.active(x, self):
+            return kernels.sliced_attention(x, self.qkv, self.proj, self.num_heads, self.scale, layout, gain)
         B, _, C = x.shape
         G, n = layout.groups, layout.size
         if layout.gather is not None:  # permute (and pad) the tokens into G groups of n
@@ -483,17 +482,6 @@ def residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
     return skip * x + branch
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm over channels, for the norms whose output goes straight into a product: the fast
-    path runs SReT's C kernel, and under bf16 autocast writes the output in bf16, the dtype that product
-    takes (:func:`kernels.layer_norm`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if kernels.active(x):
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
-
-
 class FeedForward(nn.Module):
     """Linear -> GELU -> dropout -> Linear -> dropout."""
 
@@ -506,9 +494,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         """`gain * fc2(...)`: see :meth:`SlicedAttention.forward`."""
-        if kernels.active(x) and not (self.training and self.drop.p > 0):
+        if kernels.active(x, self):
             fc1, fc2 = self.fc1, self.fc2
-            return self.drop(kernels.mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gain))
+            return kernels.mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gain)
         x = self.fc2(self.drop(self.act(self.fc1(x))))
         return self.drop(x if gain is None else x * gain)
 
@@ -527,9 +515,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = SlicedAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
-        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.attn_skip, self.attn_gain = coefficient(coefficients), coefficient(coefficients)
@@ -545,7 +533,7 @@ class NonLinearProjection(nn.Module):
 
     def __init__(self, dim: int, ratio: float, coefficients: bool = True, drop: float = 0.0) -> None:
         super().__init__()
-        self.norm = LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, int(dim * ratio), drop)
         self.skip, self.gain = coefficient(coefficients), coefficient(coefficients)
 
@@ -628,20 +616,16 @@ class ConvStem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
-        if not (self.training or torch.is_grad_enabled()) and kernels.active(x):
+        if kernels.active(x, self):
             for _, run in itertools.groupby(layers, key=lambda layer: layer[0].stride):
                 x = kernels.conv_bn_relu(x, tuple(run))  # one call per run of equal strides
             return x
         for conv, bn in layers:
-            x = conv(x)
-            if self.training and kernels.active(x):
-                x = kernels.batch_norm_relu(x, bn)
-            else:
-                x = F.relu(bn(x), inplace=True)
+            x = F.relu(bn(conv(x)), inplace=True)
         return x
 
 
-@register_notrace_module  # an FX leaf: its kernel choice reads the input's dtype and mode
+@register_notrace_module  # an FX leaf: one node in traced graphs, named as the module (pools.N)
 class ConvPool(nn.Module):
     """Depthwise 3x3 stride-2 convolution between stages (PiT pooling without the class token)."""
 
@@ -650,8 +634,6 @@ class ConvPool(nn.Module):
         self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.active(x):
-            return kernels.depthwise_conv(x, self.conv)
         return self.conv(x)
 
 

@@ -43,6 +43,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from sret import kernels
 from sret.anytime import WEIGHTINGS, sample_loops
 from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, weights_writer
 from sret.data import DATASETS, Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
@@ -1173,6 +1174,8 @@ def start_lines(run: Run) -> list[str]:
         f"{cfg.epochs} epochs x {run.steps} steps (warm-up {cfg.warmup_epochs}), batch {cfg.batch_size}, "
         f"lr {cfg.effective_lr:.2e}, {d.world_size}x {d.device}"
     ]
+    with run.autocast():  # what the training step runs: SReT's kernels, or the plain modules and why
+        lines.append(kernels.summary(torch.empty(0, device=d.device), compiled=cfg.compile != "none"))
     if cfg.warmup_epochs >= cfg.epochs:
         lines.append(
             f"[yellow]warning: warmup_epochs ({cfg.warmup_epochs}) >= epochs ({cfg.epochs}): the learning "

@@ -11,19 +11,16 @@ What the entry points do differently:
   (:mod:`sret.kernels.onednn`);
 - SReT's own C kernels for attention within token groups and for the MLP's GELU backward
   (:mod:`sret.kernels.native`; x86 with AVX-512 or AVX2, else torch's kernels run);
-- under CPU autocast to bf16, the same entry points in bf16 (:func:`precision`): products in
-  oneDNN's bf16 kernels with GELU in their epilogue, gains folded into the fp32 weights before they
-  are cast, and attention in the C kernel: its forward in AMX tiles where the CPU has them, else
-  (and its backward) in fp32 on the bf16 values; either outruns torch's bf16 kernel at SReT's shapes;
-- LayerNorm's forward in SReT's C kernel (fp32 where it is built for AVX-512); under bf16 autocast
-  written straight in bf16 from the fp32 residual stream and back-propagated from the bf16 gradient,
-  and a bf16 branch added to that stream in one pass (:mod:`sret.kernels.native`);
-- under bf16 autocast, the pooling's depthwise convolutions kept in fp32 (:func:`depthwise_conv`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
   widths padded to a multiple of 8;
 - autograd Functions that keep less for backward or back-propagate in fewer passes
   (:mod:`sret.kernels.autograd`).
+
+Which of them runs, for which input and why, is one table in code (:data:`PATHS`, rows of
+:mod:`sret.kernels.table`): :func:`active` chooses by its first rows (:data:`GATE`) whether a module
+hands its work here at all (never under autocast: `--amp bf16` on a CPU runs torch's autocast of the
+plain modules), and each entry point with more than one way chooses by its own rows.
 
 The kernels are registered operators (`torch.ops.sret.*`, :mod:`sret.kernels.ops`) with fake
 implementations and flop formulas, so FlopCounterMode, FakeTensorMode and `torch.func` transforms
@@ -41,67 +38,102 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sret.kernels import native, onednn
-from sret.kernels.autograd import (
-    MLP,
-    BatchNormReLU,
-    LayerNorm,
-    Linear,
-    ScaledResidual,
-    SlicedAttention,
-    TokenPermutation,
-)
+from sret.kernels import native, onednn, ops
+from sret.kernels.autograd import MLP, Linear, ScaledResidual, SlicedAttention, TokenPermutation
+from sret.kernels.table import Path, choose, first
 
 __all__ = [
+    "PATHS",
     "active",
     "attend",
-    "batch_norm_relu",
     "conv_bn_relu",
-    "depthwise_conv",
     "disabled",
     "fold_batchnorm",
-    "layer_norm",
     "linear",
     "mlp",
-    "precision",
+    "paths",
     "scaled_residual",
     "sliced_attention",
+    "summary",
 ]
 
 sret_ops = torch.ops.sret
 _enabled = os.environ.get("SRET_KERNELS", "1") != "0"
+_graph = False  # set while paths() and summary() describe a compiled step
 
 
-def precision() -> torch.dtype | None:
-    """The dtype the fast paths compute their products in: fp32, or bf16 under CPU autocast to bf16
-    (the residual stream stays in fp32 there, as autocast keeps it) where oneDNN has bf16 kernels;
-    None under autocast to another dtype, or to bf16 on a CPU without them (one held to AVX2, where
-    the fast paths were slower than torch's own), which the plain modules serve."""
-    if not torch.is_autocast_enabled("cpu"):
-        return torch.float32
-    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and onednn.ONEDNN_BF16
-    return torch.bfloat16 if bf16 else None
+def _in_graph() -> bool:
+    return _graph or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
-def active(x: Tensor) -> bool:
-    """The one predicate of the fast paths: eager work on the CPU in fp32 (bf16 inputs too, under
-    autocast to bf16), not being compiled, exported or traced into a graph, and not switched off
-    (`SRET_KERNELS=0`, :func:`disabled`)."""
-    dtype = precision()
+def _dropout_in_training(x: Tensor, module: nn.Module | None) -> bool:
     return (
-        _enabled
-        and x.device.type == "cpu"
-        and dtype is not None
-        and x.dtype in (torch.float32, dtype)
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+        module is not None
+        and module.training
+        and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
     )
 
 
-def lowered(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The tensors in :func:`precision`'s dtype (a differentiable cast, so gradients reach the fp32
-    parameters in fp32): what autocast does to a product's operands, done before the kernels see them."""
-    dtype = precision()
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+def _batchnorm_under_autograd(x: Tensor, module: nn.Module | None) -> bool:
+    return (
+        module is not None
+        and (module.training or torch.is_grad_enabled())
+        and any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    )
+
+
+PLAIN = "the plain modules"
+GATE = (
+    Path(
+        "active",
+        PLAIN,
+        "switched off: `SRET_KERNELS=0`, or inside `kernels.disabled()`",
+        "to compare with the plain modules, or to count their ops",
+        ready=lambda: not _enabled,
+    ),
+    Path(
+        "active",
+        PLAIN,
+        "compiled, exported or traced into a graph",
+        "compilers and exporters fuse and serialise the plain modules' aten ops",
+        ready=_in_graph,
+    ),
+    Path(
+        "active",
+        f"{PLAIN}, in torch's autocast",
+        "under CPU autocast (`--amp bf16` on a CPU)",
+        "the kernels are fp32 code",
+        ready=lambda: torch.is_autocast_enabled("cpu"),
+    ),
+    Path(
+        "active",
+        PLAIN,
+        "work not in fp32 on the CPU (a GPU, another dtype)",
+        "the kernels are CPU fp32 code",
+        takes=lambda x, module: x.device.type != "cpu" or x.dtype != torch.float32,
+    ),
+    Path(
+        "active",
+        PLAIN,
+        "a module with dropout, in training",
+        "the kernels drop nothing",
+        takes=_dropout_in_training,
+    ),
+    Path(
+        "active",
+        PLAIN,
+        "a module with BatchNorm, in training or under autograd",
+        "the stem's kernel folds BatchNorm's running statistics into its convolutions and has no backward",
+        takes=_batchnorm_under_autograd,
+    ),
+    Path("active", "the entry points (below)", "otherwise", "the rows below say what each runs"),
+)
+
+
+def active(x: Tensor, module: nn.Module | None = None) -> bool:
+    """Whether `module` (or, without one, a function of the model) hands its work on `x` to its entry
+    point here: the last row of :data:`GATE`."""
+    return first(GATE, x, module) is GATE[-1]
 
 
 @contextmanager
@@ -128,7 +160,6 @@ def gained(weight: Tensor, bias: Tensor, gain: Tensor | None) -> tuple[Tensor, T
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.linear(x, weight, bias)`."""
-    x, weight, bias = lowered(x, weight, bias)
     if _autograd(x, weight, bias):
         return Linear.apply(x, weight, bias)
     return sret_ops.linear(x, weight, bias)
@@ -137,72 +168,85 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gain: Tensor | None = None) -> Tensor:
     """`gain * F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)` (exact, erf GELU)."""
     w2, b2 = gained(w2, b2, gain)
-    x, w1, b1, w2, b2 = lowered(x, w1, b1, w2, b2)
     if _autograd(x, w1, b1, w2, b2):
         return MLP.apply(x, w1, b1, w2, b2)[0]
     return sret_ops.mlp(x, w1, b1, w2, b2, False)[0]
 
 
 def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-    """`skip * x + branch` in one pass (of SReT's C kernel where the branch is bf16 under autocast)."""
+    """`skip * x + branch` in one pass."""
     if _autograd(x, branch, skip):
         return ScaledResidual.apply(x, branch, skip)
-    if native.passes_apply(x, branch):
-        return sret_ops.scaled_residual_bf16(x, branch, skip)
     return torch.addcmul(branch, x, skip)
 
 
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """`F.layer_norm` over the last dim, in SReT's C kernel for fp32 `x` and affine fp32 parameters
-    (in fp32 where :func:`sret.kernels.native.fp32_layer_norm` holds). Under bf16 autocast the result is
-    bf16, the dtype the product that follows takes it in (autocast's LayerNorm writes fp32, which that
-    product then casts): one pass instead of three."""
-    params, bf16 = (weight, bias), precision() == torch.bfloat16
-    runs = (bf16 or native.fp32_layer_norm()) and native.passes_apply(x)
-    if not runs or any(p is None or p.dtype != torch.float32 for p in params):
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    if _autograd(x, *params):
-        return LayerNorm.apply(x, weight, bias, eps, bf16)[0]
-    return sret_ops.layer_norm(x, weight, bias, eps, False, bf16)[0]
+TAKE_TOKENS = (
+    Path(
+        "take_tokens",
+        "`index_select`, back-propagated by the inverse gather (`TokenPermutation`)",
+        "a permutation (groups without padding), under autograd",
+        "autograd's own backward, an accumulating `index_put`, took about 3x as long",
+        TokenPermutation.apply,
+        takes=lambda x, index, inverse: inverse is not None and _autograd(x),
+    ),
+    Path(
+        "take_tokens", "`index_select`", "otherwise", "torch's", lambda x, index, _: x.index_select(1, index)
+    ),
+)
 
 
 def take_tokens(x: Tensor, index: Tensor, inverse: Tensor | None) -> Tensor:
     """`x[:, index]`; `inverse`, when given, is the inverse permutation of `index`."""
-    if inverse is not None and _autograd(x):
-        return TokenPermutation.apply(x, index, inverse)
-    return x.index_select(1, index)
+    return choose(TAKE_TOKENS, x, index, inverse)
 
 
-# Longest sequence attended by plain matrix products instead of torch's fused CPU kernel, where
-# SReT's own kernel does not run.
-UNFUSED_ATTENTION_TOKENS = 64
+def _attend_native(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: None) -> Tensor:
+    if _autograd(qkv):
+        return SlicedAttention.apply(qkv, groups, heads, scale)[0]
+    return sret_ops.sliced_attention(qkv, groups, heads, scale, False)[0]
+
+
+def _attend_sdpa(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor | None) -> Tensor:
+    B, N, width = qkv.shape
+    n, dim = N // groups, width // 3
+    q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = None if key_mask is None else key_mask.repeat(B, 1, 1)[:, None]
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return x.transpose(1, 2).reshape(B, N, dim)
+
+
+def _native_takes(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor | None) -> bool:
+    return key_mask is None and native.applies(qkv, qkv.shape[1] // groups, qkv.shape[2] // 3 // heads)
+
+
+ATTEND = (
+    Path(
+        "attend",
+        "SReT's C kernel (`csrc/sliced_attention.c`), built for AVX-512 or AVX2",
+        f"groups without padding, of at most {native.MAX_TOKENS} tokens, heads at most "
+        f"{native.MAX_HEAD_DIM} wide, contiguous fp32 qkv; the C kernels built (x86 with AVX2, a C "
+        "compiler, `SRET_NATIVE` not 0)",
+        "0.46-0.64x the time of torch's path at sret_t's shapes; sret_t's training step 1814 -> 1609 ms",
+        _attend_native,
+        takes=_native_takes,
+        ready=native.built,
+    ),
+    Path(
+        "attend",
+        "`F.scaled_dot_product_attention`, heads split around it",
+        "otherwise",
+        "torch's",
+        _attend_sdpa,
+    ),
+)
 
 
 def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor | None = None) -> Tensor:
     """Multi-head attention within `groups` contiguous token groups of a qkv projection's output.
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
-    Returns (B, groups * n, C), in the dtype of `qkv`. Runs SReT's C kernel where it applies (unmasked;
-    fp32 products, or for bf16 on a CPU with AMX tiles, tile products); else heads are split
-    and short sequences attend by two matrix products and a softmax, longer or masked ones in
-    `F.scaled_dot_product_attention`. torch's CPU flash-attention kernel works through 32-query blocks
-    one small GEMM at a time, slower than the unfused products on 49-token groups with 32-wide heads;
-    from 98 tokens on it was as fast, and keeps memory flat (benchmarks/README.md). The scale
-    multiplies the queries, not the scores, the smaller of the two at SReT's group lengths.
-    """
-    B, N, width = qkv.shape
-    n, dim = N // groups, width // 3
-    if key_mask is None and native.applies(qkv, n, dim // heads):
-        if _autograd(qkv):
-            return SlicedAttention.apply(qkv, groups, heads, scale)[0]
-        return sret_ops.sliced_attention(qkv, groups, heads, scale, False)[0]
-    q, k, v = qkv.reshape(B * groups, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    if key_mask is None and n <= UNFUSED_ATTENTION_TOKENS:
-        x = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
-    else:
-        mask = None if key_mask is None else key_mask.repeat(B, 1, 1)[:, None]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return x.transpose(1, 2).reshape(B, N, dim)
+    Returns (B, groups * n, C), by the first of :data:`ATTEND` that takes it."""
+    return choose(ATTEND, qkv, groups, heads, scale, key_mask)
 
 
 def sliced_attention(
@@ -229,14 +273,6 @@ def sliced_attention(
     return linear(x, *gained(proj.weight, proj.bias, gain))
 
 
-def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """`conv(x)` for a depthwise convolution (the pooling between stages), in fp32 even under bf16
-    autocast: it holds a negligible share of the model's MACs, and oneDNN's bf16 depthwise kernels
-    took two to three times as long as its fp32 ones, forward and backward (benchmarks/README.md)."""
-    with torch.autocast("cpu", enabled=False):
-        return conv(x.float())
-
-
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Weight and bias of `bn(conv(x))` as one convolution, using the running statistics."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
@@ -251,33 +287,52 @@ def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) 
     if any(conv.stride != (stride, stride) or conv.padding != (padding, padding) for conv, _ in layers):
         raise ValueError("conv_bn_relu's layers must share one square stride and padding")
     weights, biases = zip(*(fold_batchnorm(conv, bn) for conv, bn in layers), strict=True)
-    x, *weights = lowered(x, *weights)
-    return sret_ops.conv_bn_relu(x, list(weights), list(lowered(*biases)), stride, padding)
+    return sret_ops.conv_bn_relu(x, list(weights), list(biases), stride, padding)
 
 
-def batch_norm_relu(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
-    """`F.relu(bn(x))` for a BatchNorm2d in training mode: `x` normalised by the batch's statistics,
-    the running statistics and batch count updated as BatchNorm updates them. In SReT's C kernel
-    (:func:`sret.kernels.native.batch_norm_relu`) for a channels-last fp32 `x` and affine fp32
-    parameters, else the plain modules (always for a SyncBatchNorm, whose statistics span processes)."""
-    params = (bn.weight, bn.bias)
-    local = bn.training and bn.affine and not isinstance(bn, nn.SyncBatchNorm)
-    if not (local and native.batch_norm_relu_applies(x)) or any(p.dtype != torch.float32 for p in params):
-        return F.relu(bn(x))
-    if _autograd(x, *params):
-        y, mean, var, _ = BatchNormReLU.apply(x, *params, bn.eps)
-    else:
-        y, mean, var, _ = sret_ops.batch_norm_relu(x, *params, bn.eps)
-    if bn.track_running_stats:
-        _track(bn, mean, var, x.numel() // x.shape[1])
-    return y
+# Every choice, each a tuple of rows tried in order; the gate first.
+CHOICES = (
+    GATE,
+    ATTEND,
+    TAKE_TOKENS,
+    onednn.LINEAR,
+    onednn.WEIGHT_GRAD,
+    onednn.GELU_BACKWARD,
+    onednn.CONV_RELU,
+    ops.CONV_BN_RELU,
+)
+PATHS = tuple(path for rows in CHOICES for path in rows)
 
 
-@torch.no_grad()
-def _track(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """BatchNorm's update of its running statistics: a moving average with `momentum` (or, where it is
-    None, the cumulative average over the batches seen) of the mean and of the unbiased variance."""
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / int(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    bn.running_mean.lerp_(mean, momentum)
-    bn.running_var.lerp_(var * (count / (count - 1)), momentum)
+@contextmanager
+def _described(compiled: bool) -> Iterator[None]:
+    """Inside the block the rows see the context of a compiled step if `compiled`."""
+    global _graph
+    was, _graph = _graph, compiled
+    try:
+        yield
+    finally:
+        _graph = was
+
+
+def paths(compiled: bool = False) -> list[tuple[Path, bool]]:
+    """Every row of :data:`PATHS` and whether its `ready` part holds here, in the caller's context
+    (autocast) and, if `compiled`, in a compiled step's."""
+    with _described(compiled):
+        return [(path, path.ready()) for path in PATHS]
+
+
+def summary(x: Tensor, compiled: bool = False) -> str:
+    """One line on what runs for work like `x` in the caller's context: the gate's row and, where the
+    entry points run, whose first row (their fast path) is ready here."""
+    with _described(compiled):
+        gate = first(GATE, x, None)
+        ready = {rows[0].entry: rows[0].ready() for rows in CHOICES[1:]}
+    if gate is not GATE[-1]:
+        return f"sret.kernels: {gate.runs} - {gate.when}"
+    build = f"built for {native.isa()}" if native.built() else "not built"
+    fast = ", ".join(entry for entry, r in ready.items() if r)
+    rest = ", ".join(entry for entry, r in ready.items() if not r)
+    return f"sret.kernels: on, C kernels {build}; first paths ready for {fast}" + (
+        f"; torch's for {rest}" if rest else ""
+    )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sret.kernels import native, ops  # noqa: F401  (ops defines torch.ops.sret)
+from sret.kernels import ops  # noqa: F401  (ops defines torch.ops.sret)
 
 sret_ops = torch.ops.sret
 
@@ -96,8 +96,6 @@ class ScaledResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-        if native.passes_apply(x, branch):  # a bf16 branch under autocast: one pass, not a promotion
-            return sret_ops.scaled_residual_bf16(x, branch, skip)
         return torch.addcmul(branch, x, skip)
 
     @staticmethod
@@ -110,9 +108,7 @@ class ScaledResidual(torch.autograd.Function):
         x, skip = ctx.saved_tensors
         need_x, _, need_skip = ctx.needs_input_grad
         with torch.no_grad():
-            grad_skip = None
-            if need_skip:  # x may be bf16 under autocast where the (promoted) output is fp32
-                grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1).to(grad.dtype)).view(1)
+            grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1)).view(1) if need_skip else None
             return grad * skip if need_x else None, grad, grad_skip
 
 
@@ -134,54 +130,3 @@ class TokenPermutation(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         with torch.no_grad():
             return grad.index_select(1, inverse), None, None
-
-
-class LayerNorm(torch.autograd.Function):
-    """LayerNorm over the last dim in SReT's C kernel (:func:`sret.kernels.ops.layer_norm`), written in
-    fp32 or bf16; its backward (:func:`sret.kernels.ops.layer_norm_backward`) starts from the row
-    statistics the forward kept and the gradient as the next product gives it."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, bf16: bool) -> tuple[Tensor, ...]:
-        return sret_ops.layer_norm(x, weight, bias, eps, True, bf16)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        x, weight, _, _, _ = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, rstd = ctx.saved_tensors
-        with torch.no_grad():
-            grads = sret_ops.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight)
-        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None, None)
-
-
-class BatchNormReLU(torch.autograd.Function):
-    """`relu(batch_norm(x))` on the batch's statistics (:func:`sret.kernels.ops.batch_norm_relu`),
-    keeping for backward only `x` and the statistics: ReLU's mask is recomputed from them, where
-    autograd would keep ReLU's output too and back-propagate through it in a pass of its own."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, ...]:
-        return sret_ops.batch_norm_relu(x, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, weight, bias, _ = inputs
-        _, mean, var, invstd = output
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.mark_non_differentiable(mean, var, invstd)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
-        if grad is None:
-            return None, None, None, None
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        with torch.no_grad():
-            grads = sret_ops.batch_norm_relu_backward(grad, x, weight, bias, mean, invstd)
-        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None)

@@ -1,27 +1,14 @@
-"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention, an MLP's GELU backward,
-LayerNorm (and, under bf16 autocast, the residual), and the stem's BatchNorm and ReLU in training.
+"""SReT's own CPU kernels (`csrc/`), compiled on first use: attention and an MLP's GELU backward, fp32.
 
 SReT attends within short token groups (49-392 tokens) with 32-to-48-wide heads. There torch's
 fused CPU kernel spends more time around its small GEMM calls than in them, and the unfused path
 pays full passes for the head split and merge copies. The C kernel attends one (group, head) pair at
 a time from the qkv projection's output and writes the result, or the qkv gradient, straight into
 the layout of the next projection, in a fraction of the time of torch's path at the zoo's shapes,
-forward and backward (`benchmarks/README.md`). On CPUs with AMX tiles, bf16 attention runs in
-`csrc/attention_amx.c` instead, its products in the tiles (`SRET_AMX=0` keeps the vector kernels).
+forward and backward (`benchmarks/README.md`).
 
-In training, `csrc/batch_norm.c` runs the conv stem's BatchNorm (on batch statistics) and ReLU as one
-operator on channels-last fp32: forward, a statistics pass and one that writes the output (torch adds
-an in-place ReLU pass); backward, two passes and one new stem-sized tensor (torch: ReLU's gradient,
-then BatchNorm's reduction and input gradient, three passes and two new tensors).
-
-`csrc/norm.c` runs LayerNorm over the channels faster than torch's kernel at SReT's 64-256 channels
-where it is built for AVX-512 (:func:`fp32_layer_norm`); under bf16 autocast it writes the norm's bf16
-output from the fp32 residual stream in one pass (torch: LayerNorm, then a cast), back-propagates
-from the bf16 gradient without widening it, and adds a bf16 branch to that stream in one pass.
-
-The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed, the gradient
-through it and that gradient's column sums; one pass of `csrc/gelu.c` gives all three, in fp32 or,
-under bf16 autocast, on bf16 tensors (computed in fp32).
+The MLP's backward (:func:`sret.kernels.mlp`) needs the GELU recomputed and the gradient through
+it; one pass of `csrc/gelu.c` gives both.
 
 They are built for the instruction set torch runs at, AVX-512 or AVX2 with FMA (one source,
 `csrc/vector_math.h`), and need, the first time, a C compiler (`$CC`, else `cc` or `gcc`); the
@@ -40,7 +27,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,10 +34,7 @@ from torch import Tensor
 
 _logger = logging.getLogger(__name__)
 
-SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name
-    for name in ("sliced_attention.c", "attention_amx.c", "gelu.c", "norm.c", "batch_norm.c")
-)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("sliced_attention.c", "gelu.c"))
 HEADERS = (Path(__file__).with_name("csrc") / "vector_math.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 # The instruction set the kernels are built for (csrc/vector_math.h), per torch's CPU capability.
@@ -59,8 +42,6 @@ ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"),
     "AVX2": ("-mavx2", "-mfma"),
 }
-# Where the CPU has AMX tiles (:func:`amx`), also the tile kernels of bf16 attention.
-AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-DSRET_AMX")
 MAX_HEAD_DIM = 48  # three AVX-512 (six AVX2) vectors per row: the kernel's register blocking
 MAX_TOKENS = 1024  # per group: the backward keeps two n x n score buffers per thread (8 MiB at 1024)
 
@@ -79,27 +60,6 @@ def isa() -> str | None:
     if capability.startswith("AVX512"):
         return "AVX512"
     return "AVX2" if capability == "AVX2" else None
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (which lists a feature only where the
-    kernel enables it); empty elsewhere."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return frozenset()
-    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
-    return frozenset(flags.split())
-
-
-def amx() -> bool:
-    """Whether this CPU multiplies bf16 matrices in AMX tiles (flags `amx_tile`, `amx_bf16`, and
-    `avx512_bf16` for the conversions around them) with torch
-    running at AVX-512: there torch's and oneDNN's bf16 GEMMs run several times faster than vector
-    dot products. `SRET_AMX=0` makes SReT treat the CPU as one without them."""
-    enabled = os.environ.get("SRET_AMX", "1") != "0"
-    return enabled and isa() == "AVX512" and {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags()
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
@@ -132,7 +92,7 @@ def library() -> ctypes.CDLL | None:
         _logger.warning("native kernels off: no C compiler (set CC); using torch's kernels")
         return None
     code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    flags = (*FLAGS, *ISA_FLAGS[isa()], *(AMX_FLAGS if amx() else ()))
+    flags = (*FLAGS, *ISA_FLAGS[isa()])
     key = hashlib.sha256(code + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
@@ -145,67 +105,31 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
-    signatures = {
-        "attention_forward": [p, p, p, i, i, i, i, f, i],
-        "attention_backward": [p, p, p, p, p, i, i, i, i, f, i],
-        "gelu_backward": [p, p, p, p, n, i, i],
+    signatures = {  # name: argument types, result type (a status where the kernel allocates)
+        "sret_attention_forward": ([p, p, p, i, i, i, i, f, i], i),
+        "sret_attention_backward": ([p, p, p, p, p, i, i, i, i, f, i], i),
+        "sret_gelu_backward": ([p, p, p, n, i], None),
     }
-    for name, argtypes in signatures.items():
-        for storage in ("", "_bf16"):  # each kernel comes for fp32 and for bf16 tensors
-            fn = getattr(lib, f"sret_{name}{storage}")
-            fn.argtypes, fn.restype = argtypes, i
-    single = {  # fp32 in, bf16 in or out (the passes between a bf16 block's products), or fp32 only
-        "layer_norm_bf16": [p, p, p, p, p, p, n, i, f, i],
-        "layer_norm": [p, p, p, p, p, p, n, i, f, i],
-        "scaled_residual_bf16": [p, p, f, p, n, i],
-        "layer_norm_backward_bf16": [p, p, p, p, p, p, p, p, n, i, i],
-        "batch_norm_relu": [p, p, p, p, p, p, p, n, i, f, i],
-        "batch_norm_relu_backward": [p, p, p, p, p, p, p, p, p, n, i, i],
-    }
-    if amx():
-        single["attention_forward_amx"] = signatures["attention_forward"]
-        single["attention_backward_amx"] = signatures["attention_backward"]
-        lib.sret_amx_request.restype = i
-    for name, argtypes in single.items():
-        fn = getattr(lib, f"sret_{name}")
-        fn.argtypes, fn.restype = argtypes, i
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
-@functools.cache
-def amx_attention() -> bool:
-    """Whether bf16 attention runs in the AMX tile kernels (`csrc/attention_amx.c`), forward and
-    backward: a CPU with AMX (:func:`amx`) whose kernel grants the process the tile registers."""
-    lib = library()
-    if lib is None or not amx():
-        return False
-    if lib.sret_amx_request():
-        _logger.warning("AMX tiles not granted by the OS; bf16 attention runs in fp32 vector code")
-        return False
-    return True
-
-
-def _kernel(name: str, dtype: torch.dtype) -> Callable[..., int]:
-    """The library's kernel `name` for tensors of `dtype` (fp32, or bf16 computed in fp32)."""
-    return getattr(library(), f"sret_{name}_bf16" if dtype == torch.bfloat16 else f"sret_{name}")
-
-
-def _tiles(qkv: Tensor, head_dim: int) -> bool:
-    """Whether this attention runs in the AMX tile kernels: bf16, heads of an even width (the tiles
-    take channels in pairs), on a CPU that has them."""
-    return qkv.dtype == torch.bfloat16 and head_dim % 2 == 0 and amx_attention()
+def built() -> bool:
+    """Whether the kernels are built and loaded in this process (:func:`library`)."""
+    return library() is not None
 
 
 def applies(qkv: Tensor, tokens: int, head_dim: int) -> bool:
-    """Whether the kernel can attend this qkv projection output (a contiguous CPU tensor, fp32 or
-    bf16), forward and backward."""
+    """Whether the attention kernel takes this qkv projection output (a contiguous fp32 CPU tensor, groups
+    of `tokens`, heads `head_dim` wide), forward and backward, once :func:`built`."""
     return (
         qkv.device.type == "cpu"
-        and qkv.dtype in (torch.float32, torch.bfloat16)
+        and qkv.dtype == torch.float32
         and qkv.is_contiguous()
         and head_dim <= MAX_HEAD_DIM
         and tokens <= MAX_TOKENS
-        and library() is not None
     )
 
 
@@ -216,16 +140,13 @@ def attention_forward(
     of every query's scores, which the backward needs.
 
     qkv: (B, groups * n, 3 * C), the qkv projection's output (q, k, v, each `heads` heads of C / heads
-    channels), contiguous fp32, or bf16 (attended in fp32); returns (B, groups * n, C) in its dtype,
-    heads side by side, as the output projection takes them. Check :func:`applies` first."""
+    channels), contiguous fp32; returns (B, groups * n, C), heads side by side, as the output
+    projection takes them. Check :func:`built` and :func:`applies` first."""
     batch, tokens, width = qkv.shape
     n, dim = tokens // groups, width // 3
     out = qkv.new_empty(batch, tokens, dim)
-    lse = qkv.new_empty(batch * groups * heads, n, dtype=torch.float32) if keep_lse else None
-    kernel = _kernel("attention_forward", qkv.dtype)
-    if _tiles(qkv, dim // heads):
-        kernel = library().sret_attention_forward_amx
-    status = kernel(
+    lse = qkv.new_empty(batch * groups * heads, n) if keep_lse else None
+    status = library().sret_attention_forward(
         qkv.data_ptr(), out.data_ptr(), lse.data_ptr() if keep_lse else None,
         batch * groups, heads, n, dim // heads, scale, torch.get_num_threads(),
     )  # fmt: skip
@@ -238,15 +159,11 @@ def attention_backward(
     grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, groups: int, heads: int, scale: float
 ) -> Tensor:
     """The gradient of :func:`attention_forward`'s output with respect to `qkv`, from the output and
-    log-sum-exp it kept (the scores are recomputed, never stored). A bf16 `qkv` (with its bf16 output)
-    gives a bf16 gradient, computed in fp32 (or with the products in AMX tiles, as the forward)."""
-    grad = grad.to(qkv.dtype).contiguous()
+    log-sum-exp it kept (the scores are recomputed, never stored)."""
+    grad = grad.contiguous()
     grad_qkv = torch.empty_like(qkv)
     batch, tokens, width = qkv.shape
-    kernel = _kernel("attention_backward", qkv.dtype)
-    if _tiles(qkv, width // 3 // heads):
-        kernel = library().sret_attention_backward_amx
-    status = kernel(
+    status = library().sret_attention_backward(
         qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
         batch * groups, heads, tokens // groups, width // 3 // heads, scale, torch.get_num_threads(),
     )  # fmt: skip
@@ -256,145 +173,20 @@ def attention_backward(
 
 
 def gelu_backward_applies(h: Tensor, grad: Tensor) -> bool:
-    """Whether :func:`gelu_backward` runs on these (contiguous CPU, same shape, both fp32 or both bf16)
-    tensors."""
+    """Whether :func:`gelu_backward` takes these tensors (contiguous fp32 CPU, one shape), once
+    :func:`built`."""
     return (
         h.shape == grad.shape
-        and h.dtype == grad.dtype in (torch.float32, torch.bfloat16)
+        and h.dtype == grad.dtype == torch.float32
         and all(t.device.type == "cpu" and t.is_contiguous() for t in (h, grad))
-        and library() is not None
     )
 
 
-def gelu_backward(
-    h: Tensor, grad: Tensor, need_hidden: bool, need_bias: bool
-) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    """`gelu(h)` (if `need_hidden`), `grad * gelu'(h)` and, if `need_bias`, its sums over all but the
-    last dim, in one pass. The gradient is computed in place: `grad` is overwritten and returned.
-    bf16 tensors are computed in fp32 and rounded back; the sums are fp32 either way."""
-    hidden = torch.empty_like(h) if need_hidden else None
-    bias = h.new_empty(h.shape[-1], dtype=torch.float32) if need_bias else None
-    kernel = _kernel("gelu_backward", h.dtype)
-    status = kernel(
-        h.data_ptr(), grad.data_ptr(), hidden.data_ptr() if need_hidden else None,
-        bias.data_ptr() if need_bias else None, h.numel() // h.shape[-1], h.shape[-1],
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native GELU backward could not allocate its buffers")
-    return hidden, grad, bias
-
-
-def layer_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool, dtype: torch.dtype
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`F.layer_norm(x, (C,), weight, bias, eps)` of a contiguous fp32 `x` (fp32 weight and bias of C),
-    computed in fp32 and written in `dtype` (fp32, or bf16 for the product that follows under
-    autocast); with `keep_stats`, also each row's mean and reciprocal standard deviation (fp32, shaped
-    `x.shape[:-1] + (1,)`, as torch's LayerNorm backward takes them)."""
-    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-    y = torch.empty_like(x, dtype=dtype)
-    mean = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
-    rstd = x.new_empty(*x.shape[:-1], 1) if keep_stats else None
-    kernel = library().sret_layer_norm_bf16 if dtype == torch.bfloat16 else library().sret_layer_norm
-    kernel(
-        x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(),
-        mean.data_ptr() if keep_stats else None, rstd.data_ptr() if keep_stats else None,
-        rows, cols, eps, torch.get_num_threads(),
-    )  # fmt: skip
-    return y, mean, rstd
-
-
-def layer_norm_backward_bf16(
-    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`layer_norm` in bf16 for x, weight and bias (fp32) from its output's
-    contiguous bf16 gradient (as the next product gives it), the fp32 input and the row statistics."""
-    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-    dx, dw, db = torch.empty_like(x), x.new_empty(cols), x.new_empty(cols)
-    status = library().sret_layer_norm_backward_bf16(
-        grad.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.contiguous().data_ptr(),
-        dx.data_ptr(), dw.data_ptr(), db.data_ptr(), rows, cols, torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native LayerNorm backward could not allocate its buffers")
-    return dx, dw, db
-
-
-def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: float) -> Tensor:
-    """`skip * x + branch` in fp32, of a contiguous fp32 `x` and a bf16 `branch` of its shape."""
-    out = torch.empty_like(x)
-    library().sret_scaled_residual_bf16(
-        x.data_ptr(), branch.data_ptr(), skip, out.data_ptr(), x.numel(), torch.get_num_threads()
+def gelu_backward(h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """`gelu(h)` and `grad * gelu'(h)` in one pass. The gradient is computed in place: `grad` is
+    overwritten and returned."""
+    hidden = torch.empty_like(h)
+    library().sret_gelu_backward(
+        h.data_ptr(), grad.data_ptr(), hidden.data_ptr(), h.numel(), torch.get_num_threads()
     )
-    return out
-
-
-def fp32_layer_norm() -> bool:
-    """Whether fp32 LayerNorm runs in the kernel: where it is built for AVX-512 it measured faster than
-    torch's kernel at SReT's widths; the AVX2 build was slower at 256 channels, so there torch's runs.
-    (Its backward is torch's: the kernel's measured no faster in fp32.)"""
-    return isa() == "AVX512" and library() is not None
-
-
-def passes_apply(x: Tensor, other: Tensor | None = None) -> bool:
-    """Whether :func:`layer_norm` (`other`: None) or :func:`scaled_residual_bf16` (`other`: the bf16
-    branch) run on these tensors: contiguous fp32 `x` on the CPU, `other` bf16 of its shape."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.is_contiguous()
-        and (other is None or other.dtype == torch.bfloat16)
-        and (other is None or (other.shape == x.shape and other.is_contiguous()))
-        and library() is not None
-    )
-
-
-def batch_norm_relu_applies(x: Tensor) -> bool:
-    """Whether :func:`batch_norm_relu` runs on `x`: a channels-last 4-d fp32 CPU tensor of more than
-    one value per channel (with one, BatchNorm's own error is the answer)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and x.numel() > x.shape[1]
-        and library() is not None
-    )
-
-
-def batch_norm_relu(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`relu(batch_norm(x, weight, bias))` on the batch's statistics, and those statistics per channel:
-    mean, biased variance (which BatchNorm normalises with) and reciprocal standard deviation.
-    Check :func:`batch_norm_relu_applies` first; the output is channels-last like `x`."""
-    channels = x.shape[1]
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    mean, var, invstd = (x.new_empty(channels) for _ in range(3))
-    status = library().sret_batch_norm_relu(
-        x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), y.data_ptr(),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), x.numel() // channels, channels, eps,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native BatchNorm could not allocate its buffers")
-    return y, mean, var, invstd
-
-
-def batch_norm_relu_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`batch_norm_relu` for x, weight and bias, from the input and the mean and
-    reciprocal standard deviation it wrote (ReLU's mask is recomputed from them)."""
-    grad = grad.contiguous(memory_format=torch.channels_last)
-    channels = x.shape[1]
-    dx, dweight, dbias = torch.empty_like(grad), x.new_empty(channels), x.new_empty(channels)
-    status = library().sret_batch_norm_relu_backward(
-        grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
-        mean.data_ptr(), invstd.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-        x.numel() // channels, channels, torch.get_num_threads(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("native BatchNorm backward could not allocate its buffers")
-    return dx, dweight, dbias
+    return hidden, grad

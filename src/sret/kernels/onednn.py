@@ -13,7 +13,7 @@ hidden layers of a few hundred) and many:
 
 Every function here gives the composite op's result to float rounding, and runs torch's own op
 wherever oneDNN does not apply (no oneDNN build, `torch.backends.mkldnn` disabled, or a product too
-small to repay the call).
+small to repay the call): each chooses by its rows of :mod:`sret.kernels.table`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sret.kernels import native
+from sret.kernels.table import Path, choose
 
 
 def _has_onednn_ops() -> bool:
@@ -35,9 +36,6 @@ def _has_onednn_ops() -> bool:
 
 
 ONEDNN_OPS = _has_onednn_ops()
-# oneDNN's bf16 kernels need AVX-512 (bf16 dot products or AMX tiles where the CPU has them); on older
-# CPUs bf16 products take torch's path.
-ONEDNN_BF16 = ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 # Smallest product (multiply-accumulates) given to oneDNN: a oneDNN call costs more fixed time than
 # torch's default, which outweighs its faster kernel below a few million MACs (sret_nano's layers
@@ -45,47 +43,62 @@ ONEDNN_BF16 = ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 ONEDNN_MIN_MACS = 1 << 23
 
 
-# The weight gradient as a 1x1 convolution's (:func:`weight_grad`) gains only from oneDNN's AVX-512
+# The weight gradient as a 1x1 convolution's (:data:`WEIGHT_GRAD`) gains only from oneDNN's AVX-512
 # kernels: on a CPU held to AVX2 it took up to twice MKL's time at SReT's narrowing layers
 # (benchmarks/README.md). ATen's capability is what torch itself runs at (ATEN_CPU_CAPABILITY).
 CONV_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def applies(x: Tensor, macs: int | None = None) -> bool:
-    """Whether oneDNN runs a product of `macs` multiply-accumulates (any size when None) on the fp32
-    or bf16 CPU tensor `x`."""
-    return (
-        ONEDNN_OPS
-        and torch.backends.mkldnn.enabled
-        and x.device.type == "cpu"
-        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16))
-        and (macs is None or macs >= ONEDNN_MIN_MACS)
-    )
+def enabled() -> bool:
+    """Whether oneDNN's fused ops can run: in this torch build, and switched on (`torch.backends.mkldnn`)."""
+    return ONEDNN_OPS and torch.backends.mkldnn.enabled
+
+
+def applies(x: Tensor, macs: int) -> bool:
+    """Whether oneDNN takes a product of `macs` multiply-accumulates on `x`: fp32 on the CPU, and large
+    enough to repay the call."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and macs >= ONEDNN_MIN_MACS
+
+
+# ---- linear: x @ weight.T + bias, then GELU if asked ----------------------------------------------
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
+ONEDNN = "fp32 on the CPU, at least 2^23 multiply-accumulates; oneDNN's fused ops in this torch, switched on"
+LINEAR = (
+    Path(
+        "onednn.linear",
+        "oneDNN's GEMM, bias (and GELU) in its epilogue",
+        ONEDNN,
+        "products 1.1-2x faster than MKL's sgemm at SReT's shapes; sret_t's inference batch 602 -> 556 ms "
+        "with the epilogues (the stem's ReLU too), its training step 2036 -> 1968 ms",
+        _onednn_linear,
+        takes=lambda x, weight, bias, gelu: applies(x, x.numel() * weight.shape[0]),
+        ready=enabled,
+    ),
+    Path("onednn.linear", "`F.linear` (MKL's sgemm), then `F.gelu`", "otherwise", "torch's", _torch_linear),
+)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
     """`x @ weight.T + bias`, then exact (erf) GELU if `gelu`, outside autograd.
 
     `weight` may be a transposed view (a backward's `grad @ W` is `linear(grad, W.t())`)."""
-    if applies(x, x.numel() * weight.shape[0]):
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if gelu else out
+    return choose(LINEAR, x, weight, bias, gelu)
 
 
-def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """A linear layer's weight gradient `grad.T @ x` from rows of output gradients and inputs.
-
-    Where oneDNN applies with AVX-512 kernels, in fp32, and the layer does not widen (in >= out
-    features), it runs as the weight gradient of a 1x1 convolution over the rows, laid out
-    channels-last so that no copy is made (faster than MKL's GEMM at SReT's shapes on the CPU it was
-    measured on, benchmarks/README.md). For widening layers MKL's GEMM was as fast or faster.
-    """
-    conv = CONV_WEIGHT_GRAD and x.dtype == torch.float32 and x.shape[1] >= grad.shape[1]
-    if not (conv and applies(x, x.numel() * grad.shape[1])):
-        return grad.t() @ x
+# ---- a linear layer's weight gradient: grad.T @ x ----------------------------------------------------
+def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """The weight gradient of a 1x1 convolution over the rows, laid out channels-last so that no copy
+    is made."""
 
     def as_image(rows: Tensor) -> Tensor:  # (M, C) -> (1, C, M, 1), channels-last view
         return rows.view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2)
@@ -97,47 +110,102 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     return grads[1].reshape(weight.shape)
 
 
+WEIGHT_GRAD = (
+    Path(
+        "onednn.weight_grad",
+        "the weight gradient of a 1x1 convolution over channels-last rows (oneDNN, no copy)",
+        f"layers that do not widen (in >= out features), {ONEDNN}; torch at AVX-512",
+        "0.5-0.93x MKL's time per call at SReT's narrowing layers, sret_t's training step 2163 -> 2125 "
+        "ms; held to AVX2 it took 1.9-2.8x MKL's time",
+        _conv_weight_grad,
+        takes=lambda grad, x, weight: x.shape[1] >= grad.shape[1] and applies(x, x.numel() * grad.shape[1]),
+        ready=lambda: CONV_WEIGHT_GRAD and enabled(),
+    ),
+    Path(
+        "onednn.weight_grad",
+        "`grad.T @ x` (MKL's sgemm)",
+        "otherwise",
+        "torch's",
+        lambda grad, x, _: grad.t() @ x,
+    ),
+)
+
+
+def weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """A linear layer's weight gradient `grad.T @ x` from rows of output gradients and inputs."""
+    return choose(WEIGHT_GRAD, grad, x, weight)
+
+
 def linear_backward(
-    grad: Tensor,
-    x: Tensor | None,
-    weight: Tensor,
-    need_x: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of `F.linear(x, weight, bias)` for the input, weight and bias from the output's
-    (contiguous) gradient, each only where asked (`x` may be None without `need_weight`). The bias
-    gradient is a pass over `grad`: skip it where a fused kernel already summed the gradient."""
+    grad: Tensor, x: Tensor, weight: Tensor, need_x: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Gradients of `F.linear(x, weight, bias)` for the input (only where asked), weight and bias from
+    the output's (contiguous) gradient."""
     rows = grad.reshape(-1, grad.shape[-1])
-    grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight) if need_weight else None
+    grad_weight = weight_grad(rows, x.reshape(-1, x.shape[-1]), weight)
     grad_x = linear(grad, weight.t()) if need_x else None
-    return grad_x, grad_weight, rows.sum(0) if need_bias else None
+    return grad_x, grad_weight, rows.sum(0)
 
 
-def gelu_backward(h: Tensor, grad: Tensor, need_hidden: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """From the pre-activation `h` and the gradient of `gelu(h)`: `gelu(h)` if `need_hidden`, the
-    gradient of `h`, and its sums over all but the last dim (a following linear layer's input and
-    its bias gradient), all in `h`'s dtype. One pass in :mod:`sret.kernels.native` where it runs
-    (overwriting `grad`), three torch ops elsewhere."""
-    if native.gelu_backward_applies(h, grad):
-        hidden, grad_h, grad_bias = native.gelu_backward(h, grad, need_hidden, True)
-        return hidden, grad_h, grad_bias.to(h.dtype)
-    hidden = F.gelu(h) if need_hidden else None
-    grad_h = torch.ops.aten.gelu_backward(grad, h)
-    return hidden, grad_h, grad_h.reshape(-1, grad_h.shape[-1]).sum(0)
+# ---- GELU's backward: gelu(h) again, and the gradient through it --------------------------------------
+GELU_BACKWARD = (
+    Path(
+        "onednn.gelu_backward",
+        "one pass of SReT's C kernel (`csrc/gelu.c`)",
+        "contiguous fp32 tensors of one shape; the C kernels built",
+        "sret_t's training step 1697 -> 1609 ms (measured when the kernel also summed fc1's bias gradient)",
+        native.gelu_backward,
+        takes=native.gelu_backward_applies,
+        ready=native.built,
+    ),
+    Path(
+        "onednn.gelu_backward",
+        "`F.gelu` and `aten.gelu_backward`",
+        "otherwise",
+        "torch's",
+        lambda h, grad: (F.gelu(h), torch.ops.aten.gelu_backward(grad, h)),
+    ),
+)
+
+
+def gelu_backward(h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """From the pre-activation `h` and the gradient of `gelu(h)`: `gelu(h)` (a following linear layer's
+    input) and the gradient of `h` (in SReT's kernel written over `grad`)."""
+    return choose(GELU_BACKWARD, h, grad)
+
+
+# ---- convolution, then ReLU ---------------------------------------------------------------------------
+def _conv_macs(x: Tensor, weight: Tensor, stride: int) -> int:
+    return x.shape[0] * (x.shape[-2] // stride) * (x.shape[-1] // stride) * weight.numel()
+
+
+def _onednn_conv_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
+    pair = [padding, padding], [stride, stride], [1, 1]
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *pair, 1, "relu", [], "")
+
+
+def _torch_conv_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
+    return F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), inplace=True)
+
+
+CONV_RELU = (
+    Path(
+        "onednn.conv_relu",
+        "oneDNN's convolution, ReLU in its epilogue",
+        ONEDNN,
+        "part of the 602 -> 556 ms of `onednn.linear`'s epilogues",
+        _onednn_conv_relu,
+        takes=lambda x, weight, bias, stride, padding: applies(x, _conv_macs(x, weight, stride)),
+        ready=enabled,
+    ),
+    Path("onednn.conv_relu", "`F.conv2d`, then `F.relu` in place", "otherwise", "torch's", _torch_conv_relu),
+)
 
 
 def conv_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
-    """`relu(conv2d(x, weight, bias))`, the ReLU inside oneDNN's kernel where the product is large
-    enough to gain from it.
-
-    oneDNN's fused ReLU maps NaN to 0 where torch's keeps it: call it only on a finite input (see
-    :func:`sret.kernels.ops.conv_bn_relu`)."""
-    macs = x.shape[0] * (x.shape[-2] // stride) * (x.shape[-1] // stride) * weight.numel()
-    if applies(x, macs):
-        pair = [padding, padding], [stride, stride], [1, 1]
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *pair, 1, "relu", [], "")
-    return F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), inplace=True)
+    """`relu(conv2d(x, weight, bias))`. oneDNN's fused ReLU maps NaN to 0 where torch's keeps it: call
+    it only on a finite input (see :func:`sret.kernels.ops.conv_bn_relu`)."""
+    return choose(CONV_RELU, x, weight, bias, stride, padding)
 
 
 def conv_relu_layers(

@@ -4,8 +4,7 @@ Each operator has a CPU implementation, a fake one (shapes only, for FakeTensorM
 tracing compilers) and a flop formula (for `torch.utils.flop_counter.FlopCounterMode`), so tools that
 work on operators see these as ops of their own, with their real cost. Their gradients are the
 `*_backward` operators, wired up in :mod:`sret.kernels.autograd`. The operators run on the CPU, in
-fp32, or in bf16 where their inputs are bf16; :func:`sret.kernels.active` decides when the model
-calls them.
+fp32; :func:`sret.kernels.active` decides when the model calls them.
 
 A hidden width that is not a multiple of 8 runs padded with zero units inside :func:`mlp` (CPU GEMM
 kernels are several times slower on such widths, benchmarks/README.md): the padding outputs GELU(0) = 0
@@ -23,6 +22,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from sret.kernels import native, onednn
+from sret.kernels.table import Path, choose
 
 for _schema in (
     "linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
@@ -34,14 +34,6 @@ for _schema in (
     "sliced_attention_backward(Tensor grad, Tensor qkv, Tensor out, Tensor lse, int groups, int heads,"
     " float scale) -> Tensor",
     "conv_bn_relu(Tensor x, Tensor[] weights, Tensor[] biases, int stride, int padding) -> Tensor",
-    "layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats, bool bf16)"
-    " -> (Tensor, Tensor, Tensor)",
-    "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
-    " -> (Tensor, Tensor, Tensor)",
-    "scaled_residual_bf16(Tensor x, Tensor branch, Tensor skip) -> Tensor",
-    "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
-    "batch_norm_relu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
-    " Tensor invstd) -> (Tensor, Tensor, Tensor)",
 ):
     _name, _, _signature = _schema.partition("(")
     torch.library.define(f"sret::{_name}", f"({_signature}")
@@ -134,10 +126,10 @@ def mlp_backward(
     hidden_width = w1.shape[0]
     w1, _, w2 = _padded(w1, w1.new_empty(w1.shape[0]), w2)
     grad = grad.contiguous()
-    hidden, grad_h, grad_b1 = onednn.gelu_backward(h, onednn.linear(grad, w2.t()), True)
+    hidden, grad_h = onednn.gelu_backward(h, onednn.linear(grad, w2.t()))
     _, grad_w2, grad_b2 = onednn.linear_backward(grad, hidden, w2, False)
     del hidden
-    grad_x, grad_w1, _ = onednn.linear_backward(grad_h, x, w1, need_x, need_bias=False)  # b1: above
+    grad_x, grad_w1, grad_b1 = onednn.linear_backward(grad_h, x, w1, need_x)
     if grad_w1.shape[0] != hidden_width:
         grad_w1, grad_b1 = grad_w1[:hidden_width], grad_b1[:hidden_width]
         grad_w2 = grad_w2[:, :hidden_width].contiguous()
@@ -222,19 +214,42 @@ def _sliced_attention_backward_flops(
 
 
 # ---- stem: conv -> (folded) BatchNorm -> ReLU, inference ---------------------------------------------
+def _torch_conv_relu_layers(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], stride: int, padding: int
+) -> Tensor:
+    for weight, bias in zip(weights, biases, strict=True):
+        x = F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding))
+    return x
+
+
+# oneDNN's ReLU maps NaN to 0 where torch's keeps it, so an input with a non-finite value takes torch's
+# ops and gives their result, whatever else is in the batch. The test is one sum: any NaN or infinity
+# makes it non-finite (a sum that overflows only sends a finite input torch's way, same result).
+CONV_BN_RELU = (
+    Path(
+        "ops.conv_bn_relu",
+        "`onednn.conv_relu`, layer by layer",
+        "a finite input",
+        "BatchNorm folded into the weights, the ReLU in oneDNN's epilogue where it runs",
+        onednn.conv_relu_layers,
+        takes=lambda x, *_: bool(torch.isfinite(x.sum())),
+    ),
+    Path(
+        "ops.conv_bn_relu",
+        "`F.conv2d` and `F.relu`, layer by layer",
+        "otherwise",
+        "oneDNN's fused ReLU maps NaN to 0 where torch's keeps it",
+        _torch_conv_relu_layers,
+    ),
+)
+
+
 @torch.library.impl("sret::conv_bn_relu", "CPU")
 def conv_bn_relu(x: Tensor, weights: list[Tensor], biases: list[Tensor], stride: int, padding: int) -> Tensor:
     """`relu(conv2d(x, w, b))` for each layer in turn, BatchNorm already folded into (w, b), the ReLU
-    in oneDNN's kernel where it gains. oneDNN's ReLU maps NaN to 0 where torch's keeps it, so an input
-    with a non-finite value takes torch's ops and gives their result, whatever else is in the batch.
-    The test is one sum: any NaN or infinity makes it non-finite (a sum that overflows only sends a
-    finite input torch's way, with the same result). The output is channels-last."""
+    in oneDNN's kernel where it gains (:data:`CONV_BN_RELU`). The output is channels-last."""
     x = x.contiguous(memory_format=torch.channels_last)
-    if not bool(torch.isfinite(x.sum())):
-        for weight, bias in zip(weights, biases, strict=True):
-            x = F.relu(F.conv2d(x, weight, bias, stride=stride, padding=padding))
-        return x
-    return onednn.conv_relu_layers(x, weights, biases, stride, padding)
+    return choose(CONV_BN_RELU, x, weights, biases, stride, padding)
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -259,86 +274,3 @@ def _conv_bn_relu_flops(x_shape, w_shapes, b_shapes, stride, padding, **kwargs) 
         width = _conv_out(width, w_shape[-1], stride, padding)
         flops += 2 * x_shape[0] * height * width * math.prod(w_shape)
     return flops
-
-
-# ---- stem: BatchNorm on batch statistics -> ReLU, training ----------------------------------------
-@torch.library.impl("sret::batch_norm_relu", "CPU")
-def batch_norm_relu(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`relu(batch_norm(x))` on the batch's statistics, then the per-channel mean, biased variance and
-    reciprocal standard deviation, in SReT's C kernel (check `native.batch_norm_relu_applies` first)."""
-    return native.batch_norm_relu(x, weight, bias, eps)
-
-
-@torch.library.register_fake("sret::batch_norm_relu")
-def _batch_norm_relu_fake(x, weight, bias, eps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    stats = x.new_empty(x.shape[1])
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    return y, stats, torch.empty_like(stats), torch.empty_like(stats)
-
-
-@torch.library.impl("sret::batch_norm_relu_backward", "CPU")
-def batch_norm_relu_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`batch_norm_relu` for x, weight and bias."""
-    return native.batch_norm_relu_backward(grad, x, weight, bias, mean, invstd)
-
-
-@torch.library.register_fake("sret::batch_norm_relu_backward")
-def _batch_norm_relu_backward_fake(grad, x, weight, bias, mean, invstd) -> tuple[Tensor, Tensor, Tensor]:
-    dx = torch.empty_like(x, memory_format=torch.channels_last)
-    return dx, torch.empty_like(weight), torch.empty_like(bias)
-
-
-# ---- LayerNorm (into bf16 under autocast), and the residual of a bf16 branch -------------------------
-@torch.library.impl("sret::layer_norm", "CPU")
-def layer_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool, bf16: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim of fp32 `x`, written in fp32 or (`bf16`) bf16, in SReT's C kernel
-    (check `native.passes_apply` first); then each row's mean and reciprocal standard deviation, or
-    empty."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    y, mean, rstd = native.layer_norm(x, weight, bias, eps, keep_stats, dtype)
-    return y, mean if keep_stats else _empty(x), rstd if keep_stats else _empty(x)
-
-
-@torch.library.register_fake("sret::layer_norm")
-def _layer_norm_fake(x, weight, bias, eps, keep_stats, bf16) -> tuple[Tensor, Tensor, Tensor]:
-    stats = x.new_empty(*x.shape[:-1], 1) if keep_stats else _empty(x)
-    y = torch.empty_like(x, dtype=torch.bfloat16 if bf16 else torch.float32)
-    return y, stats, torch.empty_like(stats)
-
-
-@torch.library.impl("sret::layer_norm_backward", "CPU")
-def layer_norm_backward(
-    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`layer_norm` for x, weight and bias: in SReT's C kernel where the gradient is
-    contiguous bf16 (as the product after a bf16 norm gives it), else torch's LayerNorm backward (on
-    the widened gradient)."""
-    if grad.dtype == torch.bfloat16 and grad.is_contiguous() and grad.shape == x.shape:
-        return native.layer_norm_backward_bf16(grad, x, mean, rstd, weight)
-    bias = weight.new_zeros(weight.shape)  # the bias enters no gradient
-    grads = torch.ops.aten.native_layer_norm_backward(
-        grad.float(), x, [x.shape[-1]], mean, rstd, weight, bias, [True, True, True]
-    )
-    return grads[0], grads[1], grads[2]
-
-
-@torch.library.register_fake("sret::layer_norm_backward")
-def _layer_norm_backward_fake(grad, x, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
-
-
-@torch.library.impl("sret::scaled_residual_bf16", "CPU")
-def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-    """`skip * x + branch` of fp32 `x` and a bf16 `branch`, in fp32, in one pass of SReT's C kernel."""
-    return native.scaled_residual_bf16(x, branch, float(skip))
-
-
-@torch.library.register_fake("sret::scaled_residual_bf16")
-def _scaled_residual_bf16_fake(x, branch, skip) -> Tensor:
-    return torch.empty_like(x)
