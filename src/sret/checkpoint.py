@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -34,6 +35,9 @@ def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    foreign = not_weights(path)
+    if foreign:
+        raise ValueError(foreign)
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
@@ -54,6 +58,62 @@ def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
+# What a file that is not a checkpoint may be, by its first bytes (a ZIP archive is told by its members).
+_MAGIC = (
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras or TensorFlow weights?)"),
+    (b"\x93NUMPY", "a NumPy array (.npy)"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"version https://git-lfs", "a Git LFS pointer, not the file it stands for (fetch it: git lfs pull)"),
+)
+EXPECTED = "our .safetensors (from sret train or sret.save_weights) or a PyTorch state dict (.pth, .pt)"
+
+
+def not_weights(path: Path) -> str | None:
+    """The one-line error for a file that is something other than weights (an ONNX model, a TorchScript
+    archive, an image, ...): what it is and what is expected; None when it looks like weights."""
+    what = file_kind(path)
+    if what == "safetensors":
+        renamed = path.with_suffix(".safetensors").name
+        return f"cannot read checkpoint {path}: it is safetensors under another suffix; rename it {renamed}"
+    if what is None:
+        return None
+    return f"cannot read checkpoint {path}: it is {what}, not weights; expected {EXPECTED}"
+
+
+def file_kind(path: Path) -> str | None:
+    """What a file that is not weights is ("safetensors" for safetensors under another suffix), or None
+    if it may be weights (or is unrecognised)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if not head:
+        return "empty"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    # ONNX is a protobuf ModelProto: ir_version (field 1) first, then the producer's name (field 2)
+    if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower() or path.suffix == ".onnx"):
+        return "an ONNX model (as sret export writes)"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith(("/constants.pkl", "/code/")) or "/code/__torch__" in n for n in names):
+            return "a TorchScript archive (as sret export --format torchscript writes)"
+        if any(n.startswith("archive/") for n in names) and not any(n.endswith("/data.pkl") for n in names):
+            return "a torch.export program (as sret export --format exported-program writes)"
+        if not any(n.endswith("data.pkl") for n in names):
+            return "a ZIP archive"
+        return None
+    size = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and path.suffix != ".safetensors" and size < path.stat().st_size:
+        return "safetensors"
+    return None
+
+
 def unpickling_cause(error: Exception) -> str:
     """The line of torch's long weights-only refusal that says what the file holds."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -68,8 +128,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(not_weights(path) or f"cannot read checkpoint {path}: {e}") from None
     out: dict[str, Any] = {}
     if "model_name" in meta:
         out["model_name"] = meta["model_name"]
