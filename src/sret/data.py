@@ -293,6 +293,16 @@ def _digits(pre: Preprocess, val_fraction: float, seed: int) -> DataSplits:
     )
 
 
+def resident_bytes(name: str, img_size: int) -> int:
+    """Memory a data set holds at once at `img_size`: the digits, decoded and resized up front (see
+    `_digits`); 0 for the others, read image by image."""
+    if name != "digits":
+        return 0
+    from sklearn.datasets import load_digits
+
+    return len(load_digits().target) * 3 * img_size * img_size * 4  # float32 RGB
+
+
 def _need_dir(name: str, data_dir: str | Path | None) -> Path:
     if data_dir is None:
         raise UserError(f"dataset {name!r} needs --data-dir")

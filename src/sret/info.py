@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sret import kernels
 from sret.checkpoint import read_metadata
-from sret.model import MODEL_CONFIGS, SReT, StageConfig
+from sret.model import MODEL_CONFIGS, SReT, SReTConfig, StageConfig
+from sret.runtime import require_memory
 from sret.variants import resolve_overrides
 
 # Component of a parameter or module name, first match wins. Coefficients and pre-norms belong to the
@@ -133,6 +134,9 @@ def model_info(
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
     if img_size is not None:
         overrides["img_size"] = img_size
+    cfg = model_config(name, **overrides)  # checked before building: a size can exhaust the memory
+    needed = memory_estimate(cfg, 1, training=False)
+    require_memory(needed, torch.device("cpu"), f"{name} at img_size {cfg.img_size}", "lower --img-size")
     model = SReT(MODEL_CONFIGS[name], **overrides)
     model.set_loops(loops)
     size = model.img_size[0]
@@ -174,6 +178,50 @@ def info_source(name: str, overrides: dict[str, Any] | None = None) -> tuple[str
             raise ValueError(f"{path} does not say which model it holds")
         name, stored = meta["model_name"], meta.get("model_args", {})
     return name, resolve_overrides(name, stored, overrides or {})
+
+
+def model_config(name: str, **overrides: Any) -> SReTConfig:
+    """The config `create_model(name, **overrides)` would build, without building anything (a model
+    allocates its positional embedding and token layouts for its size when built)."""
+    if "stages" in overrides:
+        overrides["stages"] = tuple(StageConfig.from_mapping(s) for s in overrides["stages"])
+    if "loop_lora_targets" in overrides:
+        overrides["loop_lora_targets"] = tuple(overrides["loop_lora_targets"])
+    return replace(MODEL_CONFIGS[name.split(".", 1)[0]], **overrides)
+
+
+def memory_estimate(cfg: SReTConfig, batch: int, training: bool) -> int:
+    """Bytes that one float32 step on `batch` images takes at the least, to refuse impossible sizes
+    before work starts (it errs low, never refusing what fits).
+
+    Counted: the weights (with gradients and AdamW's two moments when training); per image the input,
+    the stem's feature maps and, per block application, its input and output and the MLP's (and
+    NLL's) hidden activations: all kept for the backward pass when training, the largest when not.
+    Not counted: attention matrices, norms, the optimizer's and allocator's working space.
+    """
+    height, width = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else cfg.img_size
+    dim0 = cfg.stages[0].dim
+    if cfg.stem == "conv":  # three stride-2 convs: dim0/2, dim0, dim0 channels
+        maps = [(height, width)]
+        for _ in range(3):
+            maps.append((-(-maps[-1][0] // 2), -(-maps[-1][1] // 2)))
+        stem = [c * h * w for c, (h, w) in zip((dim0 // 2, dim0, dim0), maps[1:], strict=True)]
+        grid = maps[-1]
+    else:
+        grid = (height // cfg.patch_size, width // cfg.patch_size)
+        stem = [dim0 * grid[0] * grid[1]]
+    weights = dim0 * grid[0] * grid[1]  # the positional embedding
+    layers = []
+    for i, stage in enumerate(cfg.stages):
+        if i:
+            grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+        hidden = cfg.mlp_ratio + (cfg.nll_ratio if cfg.nll != "none" else 0)
+        layers += [grid[0] * grid[1] * stage.dim * (2 + hidden)] * stage.depth
+        weights += stage.blocks * (4 + 2 * cfg.mlp_ratio) * stage.dim**2
+    image = cfg.in_chans * height * width
+    if training:
+        return int(4 * (4 * weights + batch * (image + sum(stem) + sum(layers))))
+    return int(4 * (weights + batch * (image + max(*stem, *layers))))
 
 
 def active_params(model: SReT) -> int:

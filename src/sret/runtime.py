@@ -8,7 +8,8 @@ hundreds of such blocks per step, and the page faults alone cost more time than 
 the heap for reuse, which is what jemalloc or tcmalloc would give with LD_PRELOAD.
 
 Also here, shared by training and the benchmark: which devices have torch's fused optimizer kernels;
-and, for the processes `sret ablate` starts, dying with their parent.
+for the processes `sret ablate` starts, dying with their parent; and how much memory a device has, so
+that a size no machine of that kind can hold is refused before work starts.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import os
 import platform
 import signal
 import sys
+from pathlib import Path
 
 import torch
+
+from sret.io import UserError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -106,3 +110,36 @@ def cpu_description() -> str:
     isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
     family = f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}"
     return f"{fields.get('model name', 'unknown CPU')} ({family}; {' '.join(isa) or 'no AVX2'})"
+
+
+def memory_capacity(device: torch.device) -> int | None:
+    """Bytes of memory on `device`: a GPU's own, else the machine's RAM (or the cgroup's limit of this
+    process, where lower); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # "max" when unlimited
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def require_memory(needed: int, device: torch.device, what: str, advice: str) -> None:
+    """A UserError when `needed` bytes (an estimate that errs low) exceed what `device` has: the sizes
+    are impossible there, and finding out by running would exhaust the machine first."""
+    capacity = memory_capacity(device)
+    if capacity is not None and needed > capacity:
+        where = "this machine's memory" if device.type == "cpu" else f"the memory of {device}"
+        raise UserError(f"{what} needs at least {gib(needed)}, more than {where} ({gib(capacity)}): {advice}")
+
+
+def gib(size: int) -> str:
+    """Bytes in GiB, readable at any size."""
+    value = size / 2**30
+    return f"{value:.3g} GiB" if value < 100 else f"{value:,.0f} GiB"

@@ -46,12 +46,24 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from sret import kernels
 from sret.anytime import WEIGHTINGS, sample_loops
 from sret.checkpoint import create_model, load_state, model_from_weights, read_metadata, weights_writer
-from sret.data import DATASETS, Augment, Preprocess, WithIndex, build_datasets, build_mixup, subset
+from sret.data import (
+    DATASETS,
+    Augment,
+    Preprocess,
+    WithIndex,
+    build_datasets,
+    build_mixup,
+    resident_bytes,
+    subset,
+)
 from sret.evaluate import collect_logits, scored
+from sret.info import memory_estimate, model_config
 from sret.io import (
     UserError,
     atomic_write,
     atomic_writes,
+    check_destination,
+    folder_lock,
     read_mapping,
     read_yaml,
     remove_stale_temporaries,
@@ -59,7 +71,7 @@ from sret.io import (
 )
 from sret.model import MODEL_CONFIGS
 from sret.plots import MetricsLog
-from sret.runtime import has_fused_adam
+from sret.runtime import has_fused_adam, require_memory
 from sret.variants import resolve_overrides
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -71,10 +83,24 @@ RESUME_SETTINGS = ("data_dir", "device", "skip_bad_images", "workers", "cache_im
 TIME_KEYS = ("time_s", "img_per_s")  # the only metrics that differ between identical runs
 # Within an epoch, output that is not a terminal gets a progress line at least this often (seconds).
 PROGRESS_SECONDS = 15.0
+# What a run has made: never overwritten by a run that did not mean to start over.
+RUN_OUTPUTS = (STATE_FILE, "last.safetensors", "best.safetensors", "last_ema.safetensors", "metrics.jsonl")
+# Deterministic faults, for the tests of resume and interrupts (set in the environment, counted per
+# process): exit hard (os._exit: no clean-up, as a SIGKILL) right after the Nth checkpoint is complete,
+# or in the Nth checkpoint, its files written but not yet switched; or Ctrl-C after the Nth step.
+FAULT_EXIT_AFTER_CHECKPOINT = "SRET_FAULT_EXIT_AFTER_CHECKPOINT"
+FAULT_EXIT_IN_CHECKPOINT = "SRET_FAULT_EXIT_IN_CHECKPOINT"
+FAULT_INTERRUPT_AFTER_STEP = "SRET_FAULT_INTERRUPT_AFTER_STEP"
+FAULT_EXIT_CODE = 99
 
 
 class TrainingError(UserError):
     """The run cannot go on (non-finite loss); the last checkpoint is intact."""
+
+
+def fault_due(name: str, count: int) -> bool:
+    """Whether the fault `name` (one of the FAULT_* variables) is set to strike at `count`."""
+    return os.environ.get(name, "").strip() == str(count)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,16 +675,20 @@ def load_teacher_logits(path: str, num_samples: int, num_classes: int) -> Tensor
     return logits.float()
 
 
-def compute_teacher_logits(cfg: TrainConfig, out: str | os.PathLike, batch_size: int = 256) -> Path:
+def compute_teacher_logits(
+    cfg: TrainConfig, out: str | os.PathLike, batch_size: int = 256, overwrite: bool = False
+) -> Path:
     """Run the teacher once over the training set (data-set order, no augmentation) for `teacher_logits`.
 
     Training with the file then skips the teacher's forward pass; the price is that the student's
-    images must be unaugmented too, which `sret train` enforces when `teacher_logits` is set.
+    images must be unaugmented too, which `sret train` enforces when `teacher_logits` is set. An
+    existing `out` is replaced only with `overwrite`.
     """
     if not cfg.teacher:
         raise UserError("which teacher? pass --teacher NAME_OR_CHECKPOINT")
     if Path(out).suffix != ".safetensors":
         raise UserError(f"teacher logits are written as safetensors: name the file *.safetensors, not {out}")
+    check_destination(out, overwrite)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     pre = Preprocess(img_size=cfg.img_size, crop_pct=cfg.crop_pct)
@@ -696,6 +726,7 @@ class Run:
         self.epoch_lr = 0.0  # the learning rate at the start of the current epoch (metrics' `lr`)
         self.history: list[dict[str, float]] = []
         self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n of the epoch so far (over all ranks)
+        self.saves = self.steps_done = 0  # by this process (what the FAULT_* variables count)
         seed_all(cfg.seed + d.rank)
 
     def build_data(self) -> tuple[Dataset, Dataset]:
@@ -875,8 +906,15 @@ class Run:
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        files.append((self.dir / STATE_FILE, write_bytes(buffer.getvalue())))
+        self.saves += 1
+        write_state = write_bytes(buffer.getvalue())
+        if fault_due(FAULT_EXIT_IN_CHECKPOINT, self.saves):
+            files.append((self.dir / STATE_FILE, lambda tmp: (write_state(tmp), os._exit(FAULT_EXIT_CODE))))
+        else:
+            files.append((self.dir / STATE_FILE, write_state))
         atomic_writes(files)
+        if fault_due(FAULT_EXIT_AFTER_CHECKPOINT, self.saves):
+            os._exit(FAULT_EXIT_CODE)
 
     def load(self) -> None:
         path = self.dir / STATE_FILE
@@ -936,6 +974,9 @@ class Run:
                 and self.step < self.steps
             ):
                 self.save(self._epoch_sums(loss_sum, correct, seen))
+            self.steps_done += 1
+            if fault_due(FAULT_INTERRUPT_AFTER_STEP, self.steps_done):
+                raise KeyboardInterrupt  # what Ctrl-C raises
         progress.remove_task(task)  # the epoch summary line is the lasting record
         loss_sum, correct, seen = self._epoch_sums(loss_sum, correct, seen)
         elapsed = time.perf_counter() - start
@@ -1198,11 +1239,69 @@ def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
         dist.broadcast_object_list(box, src=0)
         name = box[0]
     run_dir = Path(cfg.output) / name
-    if (run_dir / STATE_FILE).exists():
+    refuse_to_overwrite(run_dir, resuming=False)
+    return run_dir
+
+
+def refuse_to_overwrite(run_dir: Path, resuming: bool) -> None:
+    """A run that starts from the beginning in `run_dir` would overwrite what a run made there: refuse,
+    and say how to go on. (A run killed before its first checkpoint made nothing: it may start again.)"""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder: pick another --name or --output")
+    made = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not made:
+        return
+    if STATE_FILE in made:
         raise UserError(
             f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --name"
         )
-    return run_dir
+    if resuming:
+        raise UserError(
+            f"cannot resume {run_dir}: its training state {STATE_FILE} is missing, and starting over would "
+            f"overwrite its {', '.join(made)}; restore {STATE_FILE}, or train a new run under another --name"
+        )
+    raise UserError(
+        f"{run_dir} holds the outputs of a run ({', '.join(made)}) but no training state to resume: "
+        "pick another --name, or move them away"
+    )
+
+
+def check_memory(cfg: TrainConfig, d: Dist) -> None:
+    """Refuse, before any image is read or model built, sizes this machine cannot hold (an estimate
+    that errs low: see sret.info.memory_estimate), instead of exhausting its memory to find out."""
+    args = {**model_overrides(cfg), "img_size": cfg.img_size}
+    needed = memory_estimate(model_config(cfg.model, **args), cfg.batch_size // d.world_size, training=True)
+    data = resident_bytes(cfg.dataset, cfg.img_size)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes sharing this machine
+    what = f"training {cfg.model} at img_size {cfg.img_size} with batch_size {cfg.batch_size}"
+    advice = "lower img_size or batch_size"
+    if d.device.type == "cpu":
+        require_memory(local * (needed + data), d.device, what, advice)
+    else:
+        require_memory(needed, d.device, what, advice)
+        require_memory(
+            local * data, torch.device("cpu"), f"holding {cfg.dataset} at img_size {cfg.img_size}", advice
+        )
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, d: Dist) -> Iterator[None]:
+    """One process (group) per run folder: rank 0 holds the lock (sret.io.folder_lock), and every rank
+    learns whether it got it, so that all of them stop together when it did not."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if d.main:
+            try:
+                stack.enter_context(folder_lock(run_dir, "sret train"))
+            except UserError as e:
+                refused = str(e)
+        if d.world_size > 1:
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused is not None:
+            raise UserError(refused)
+        yield
 
 
 def _write_run_files(run: Run, cfg: TrainConfig) -> None:
@@ -1243,32 +1342,50 @@ def train(
         torch.set_num_threads(cfg.threads)  # fewer threads than cores helps on a busy machine
     d = setup_distributed(cfg.device)
     try:
+        check_memory(cfg, d)
         if resume is None:
             run_dir = _new_run_dir(cfg, d)
+        elif not (run_dir / STATE_FILE).is_file():
+            refuse_to_overwrite(run_dir, resuming=True)  # before the data is read (again under the lock)
         run = Run(cfg, run_dir, d, console)
-        if resume is not None and (run_dir / STATE_FILE).is_file():
-            run.load()
-        elif d.main:  # a new run, or one killed before its first checkpoint: start from the beginning
-            _write_run_files(run, cfg)
-        if d.main:
-            remove_stale_temporaries(run_dir)  # of writes a kill interrupted
-            for line in start_lines(run):
-                console.print(line)
-        try:
-            final = run.fit()
-        except KeyboardInterrupt:
-            if d.main:
-                console.print(
-                    f"interrupted in epoch {run.epoch + 1}; {run_dir} keeps the last checkpoint: "
-                    f"continue with `sret train --resume {run_dir}`"
-                )
-            raise
-        if d.main and final:
-            console.print(f"done: best val acc1 {run.best_acc1:.4f}, weights in {run_dir}")
+        with run_lock(run_dir, d):
+            fit_run(run, resume is not None, console)
     finally:
         if d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return run_dir
+
+
+def fit_run(run: Run, resume: bool, console: Any) -> None:
+    """Load or start the run in its (locked) folder, then train it; on Ctrl-C, say what is kept."""
+    run_dir, d = run.dir, run.d
+    resuming = resume and (run_dir / STATE_FILE).is_file()
+    if resuming:
+        run.load()
+    else:  # a new run, or one killed before its first checkpoint: start from the beginning
+        refuse_to_overwrite(run_dir, resume)
+        if d.main:
+            _write_run_files(run, run.cfg)
+    if d.main:
+        remove_stale_temporaries(run_dir)  # of writes a kill interrupted (the lock keeps out the living)
+        for line in start_lines(run):
+            console.print(line)
+    try:
+        final = run.fit()
+    except KeyboardInterrupt:
+        if d.main and (run_dir / STATE_FILE).is_file():
+            console.print(
+                f"interrupted in epoch {run.epoch + 1}; {run_dir} keeps the last checkpoint: "
+                f"continue with `sret train --resume {run_dir}`"
+            )
+        elif d.main:
+            console.print(
+                f"interrupted in epoch {run.epoch + 1}, before the first checkpoint: nothing was kept; "
+                f"`sret train --resume {run_dir}` starts the run again"
+            )
+        raise
+    if d.main and final:
+        console.print(f"done: best val acc1 {run.best_acc1:.4f}, weights in {run_dir}")
 
 
 def final_metrics(run_dir: str | os.PathLike) -> dict[str, float]:
