@@ -8,7 +8,10 @@ is enough to classify images, and `sret eval` finds the run's data and split in 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,17 +19,18 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from sret.anytime import depths, early_exit
 from sret.checkpoint import model_from_weights
-from sret.data import IGNORE_LABEL, Preprocess, RGBLoader, SkippedImage, build_datasets
-from sret.info import count_macs
+from sret.data import IGNORE_LABEL, BadImageError, Preprocess, RGBLoader, SkippedImage, build_datasets
+from sret.info import count_macs, memory_estimate
 from sret.io import UserError, atomic_write, read_mapping
 from sret.model import SReT
+from sret.runtime import require_memory
 
 
 @torch.no_grad()
@@ -106,15 +110,18 @@ class Trained:
 
 
 def load_trained(
-    checkpoint: str | Path, device: str = "cpu", loops: int | Sequence[int] | None = None
+    checkpoint: str | Path,
+    device: str = "cpu",
+    loops: int | Sequence[int] | None = None,
+    model_name: str | None = None,
 ) -> Trained:
     """Rebuild the model (at `loops`, if given), its class names and preprocessing from the
     safetensors metadata (or `classes.json` beside it), and read the run's `config.yaml` beside it
-    when there is one (else the data set and split the metadata records)."""
+    when there is one (else the data set and split the metadata records). `model_name` names the
+    architecture of a file without metadata (the authors' `.pth`)."""
     path = Path(checkpoint)
-    model, meta = model_from_weights(path, loops=loops)
-    info_path = path.parent / "classes.json"  # beside weights written before they carried the info
-    info = meta.get("info") or (json.loads(info_path.read_text()) if info_path.is_file() else {})
+    model, meta = model_from_weights(path, model_name, loops=loops)
+    info = meta.get("info") or read_classes(path.parent / "classes.json")
     num_classes = meta.get("model_args", {}).get("num_classes", getattr(model, "num_classes", 0))
     classes = info.get("classes") or [str(i) for i in range(num_classes)]
     pre_values = info.get("preprocess", {})
@@ -144,6 +151,19 @@ def architecture_preprocess(model: nn.Module) -> Preprocess:
     )
 
 
+def read_classes(path: Path) -> dict[str, Any]:
+    """The run info in `classes.json` beside weights written before they carried it ({} if absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} must hold a mapping (classes, preprocess), got {type(info).__name__}")
+    return info
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -167,15 +187,16 @@ def evaluate(
     skip_bad_images: bool = False,
     loops: int | Sequence[int] | None = None,
     exit_confidence: float | None = None,
+    model_name: str | None = None,
 ) -> EvalResult:
     """Top-1/top-5, loss, per-class accuracy and confusion matrix on a data set's validation split.
 
     The data set, folder, split seed and validation fraction default to the run's own, so
     `sret eval runs/x/best.safetensors` scores exactly the held-out images of that run. `loops` runs
     the model at that depth; `exit_confidence` runs each image only as deep as it needs to reach that
-    softmax confidence (up to `loops`, one count, if given).
+    softmax confidence (up to `loops`, one count, if given). `model_name` as in :func:`load_trained`.
     """
-    trained = load_trained(checkpoint, device, None if exit_confidence is not None else loops)
+    trained = load_trained(checkpoint, device, None if exit_confidence is not None else loops, model_name)
     cfg = trained.run_config
     dataset = dataset or cfg.get("dataset")
     if dataset is None:
@@ -194,6 +215,7 @@ def evaluate(
         raise UserError(
             f"{dataset} has {len(splits.classes)} classes, the model predicts {len(trained.classes)}"
         )
+    check_batch_memory(trained.model, min(batch_size, len(splits.val)), device)
     loader = DataLoader(splits.val, batch_size=batch_size)
     if exit_confidence is None:
         logits, labels = scored(*collect_logits(trained.model, loader, torch.device(device)))
@@ -212,6 +234,14 @@ def evaluate(
         exit_loops=histogram,
         mean_macs=float(exits.macs[keep].double().mean()),
     )
+
+
+def check_batch_memory(model: nn.Module, batch: int, device: str) -> None:
+    """Refuse a `--batch-size` whose images the device cannot hold at once (sret.info.memory_estimate)."""
+    if isinstance(model, SReT):
+        needed = memory_estimate(model.cfg, batch, training=False)
+        what = f"a batch of {batch} images at {model.img_size[0]} px"
+        require_memory(needed, torch.device(device), what, "lower --batch-size")
 
 
 def require_sret(model: nn.Module) -> SReT:
@@ -263,22 +293,85 @@ class Predictions(NamedTuple):
     ranked: dict[str, list[tuple[str, float]]]  # image path -> [(class name, probability)], best first
     skipped: list[str]  # unreadable images, with skip_bad_images
     loops: dict[str, int]  # with early exit: the depth each image stopped at (else empty)
+    unfinished: int = 0  # images not classified because the run was interrupted (Ctrl-C)
 
 
-def image_files(paths: list[str | Path]) -> list[str]:
-    """The image files named: files as given, folders expanded to the images below them (sorted)."""
+def image_suffixes() -> set[str]:
+    """The file name suffixes of the image formats Pillow reads (what `predict FILE` accepts)."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path`, which exists or is a link, cannot be read as an image file; None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "it is a symbolic link loop"
+        if path.is_symlink():
+            return f"it is a symbolic link to {os.readlink(path)}, which does not exist"
+        return e.strerror or str(e)
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return f"it is {kind}, not an image file"
+
+
+def image_files(paths: list[str | Path]) -> tuple[list[str], dict[str, str]]:
+    """The image files named, and the ones that cannot be read as files, with why.
+
+    Files are taken as given; folders are expanded to the files below them whose suffix is an image
+    format's (sorted; other files, a README say, are not images). Below a folder, an entry with an
+    image suffix that is no regular file (a FIFO, a link that leads nowhere) and a subfolder that
+    cannot be listed are reported, never dropped: opening a FIFO would wait forever, so none is opened.
+    """
     files: list[str] = []
+    unreadable: dict[str, str] = {}
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and is_image_file(str(f)))
-            if not found:
-                raise UserError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in folder {path}")
+            found, broken = folder_images(path)
+            if not found and not broken:
+                raise UserError(f"no image files (a suffix of a format Pillow reads) in folder {path}")
             files += found
-        elif path.is_file():
-            files.append(str(path))
+            unreadable.update(broken)
+        elif path.exists() or path.is_symlink():
+            why = not_a_file(path)
+            if why is None:
+                files.append(str(path))
+            else:
+                unreadable[str(path)] = why
         else:
             raise UserError(f"image not found: {path}")
-    return files
+    return files, unreadable
+
+
+def folder_images(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """The image files below `folder` (sorted), and its entries with an image suffix that cannot be
+    read as files, and the subfolders that cannot be listed, with why."""
+    suffixes = image_suffixes()
+    found: list[str] = []
+    broken: dict[str, str] = {}
+
+    def unlisted(error: OSError) -> None:
+        broken[str(error.filename)] = f"cannot list this folder: {error.strerror or error}"
+
+    for root, _, names in os.walk(folder, onerror=unlisted):
+        for name in names:
+            path = Path(root) / name
+            if path.suffix.lower() not in suffixes:
+                continue
+            why = not_a_file(path)
+            if why is None:
+                found.append(str(path))
+            else:
+                broken[str(path)] = why
+    return sorted(found), dict(sorted(broken.items()))
 
 
 def predict(
@@ -290,42 +383,56 @@ def predict(
     skip_bad_images: bool = False,
     loops: int | Sequence[int] | None = None,
     exit_confidence: float | None = None,
+    model_name: str | None = None,
 ) -> Predictions:
     """Top-k (class name, probability) for each image file (or each image in a folder), `batch_size`
-    images at a time, so a folder of any size runs in bounded memory. `loops` and `exit_confidence`
-    as in :func:`evaluate`."""
+    images at a time, so a folder of any size runs in bounded memory. `loops`, `exit_confidence` and
+    `model_name` as in :func:`evaluate`.
+
+    Interrupted (Ctrl-C), it returns the predictions made so far, with the count of images left
+    (`unfinished`), instead of throwing them away.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if exit_confidence is not None and loops is not None and not isinstance(loops, int):
         raise ValueError("with early exit, loops is one count: the deepest depth tried")
-    files = image_files(images)  # every path checked before the model is built
-    trained = load_trained(checkpoint, device, None if exit_confidence is not None else loops)
+    files, unreadable = image_files(images)  # every path checked before the model is built
+    if unreadable and not skip_bad_images:
+        path, why = next(iter(unreadable.items()))
+        raise BadImageError(f"cannot read image {path}: {why} (use --skip-bad-images to skip such files)")
+    trained = load_trained(checkpoint, device, None if exit_confidence is not None else loops, model_name)
     if exit_confidence is not None:
         require_sret(trained.model)
+    check_batch_memory(trained.model, min(batch_size, max(len(files), 1)), device)
     stopped: dict[str, int] = {}
     tf, load = trained.pre.eval_transform(), RGBLoader(strict=not skip_bad_images)
-    ranked, skipped = {}, []
+    ranked, skipped = {}, list(unreadable)
     k = min(topk, len(trained.classes))
-    for start in range(0, len(files), batch_size):
-        names, batch = [], []
-        for path in files[start : start + batch_size]:
-            try:
-                batch.append(tf(load(path)))
-            except SkippedImage:
-                skipped.append(path)
+    start = 0
+    try:
+        for start in range(0, len(files), batch_size):
+            names, batch = [], []
+            for path in files[start : start + batch_size]:
+                try:
+                    batch.append(tf(load(path)))
+                except SkippedImage:
+                    skipped.append(path)
+                    continue
+                names.append(path)
+            if not batch:
                 continue
-            names.append(path)
-        if not batch:
-            continue
-        inputs = torch.stack(batch).to(device)
-        if exit_confidence is not None:
-            result = early_exit(trained.model, inputs, exit_confidence, loops)
-            probs = result.logits.softmax(-1).cpu()
-            stopped.update(zip(names, result.loops.tolist(), strict=True))
-        else:
-            with torch.inference_mode():
-                probs = trained.model(inputs).float().softmax(-1).cpu()
-        values, indices = probs.topk(k, dim=1)
-        for name, vs, ids in zip(names, values.tolist(), indices.tolist(), strict=True):
-            ranked[name] = [(trained.classes[i], p) for p, i in zip(vs, ids, strict=True)]
+            inputs = torch.stack(batch).to(device)
+            if exit_confidence is not None:
+                result = early_exit(trained.model, inputs, exit_confidence, loops)
+                probs = result.logits.softmax(-1).cpu()
+                stopped.update(zip(names, result.loops.tolist(), strict=True))
+            else:
+                with torch.inference_mode():
+                    probs = trained.model(inputs).float().softmax(-1).cpu()
+            values, indices = probs.topk(k, dim=1)
+            for name, vs, ids in zip(names, values.tolist(), indices.tolist(), strict=True):
+                ranked[name] = [(trained.classes[i], p) for p, i in zip(vs, ids, strict=True)]
+    except KeyboardInterrupt:
+        done = set(ranked) | set(skipped)
+        return Predictions(ranked, skipped, stopped, sum(f not in done for f in files[start:]))
     return Predictions(ranked, skipped, stopped)
