@@ -15,6 +15,9 @@ app = typer.Typer(
 
 
 LOOPS_HELP = "Loops per block: one count for every stage, or one per stage (3 or 3,2,2)."
+MODEL_HELP = "Architecture of a checkpoint without metadata (the authors' .pth), e.g. sret_t."
+OVERWRITE_HELP = "Replace the output file if it exists (otherwise an existing file is an error)."
+INTERRUPTED = "interrupted: nothing written"
 EXIT_CONFIDENCE_HELP = "Early exit: run each image at 1, 2, ... loops until its top probability reaches this."
 
 
@@ -331,6 +334,7 @@ def distill_logits_cmd(
     set_: list[str] | None = typer.Option(None, "--set", help="Override any config option: key=value."),
     dataset: str | None = typer.Option(None, "--dataset"),
     data_dir: str | None = typer.Option(None, "--data-dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Precompute teacher logits over the (unaugmented) training set, in data-set order."""
     from sret.io import UserError
@@ -338,9 +342,12 @@ def distill_logits_cmd(
 
     try:
         cfg = resolve_config(recipe, set_, teacher=teacher, dataset=dataset, data_dir=data_dir)
-        typer.echo(f"wrote {compute_teacher_logits(cfg, out)}")
+        typer.echo(f"wrote {compute_teacher_logits(cfg, out, overwrite=overwrite)}")
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command("eval")
@@ -361,17 +368,20 @@ def eval_cmd(
         None, "--exit-confidence", min=0.0, max=1.0, help=EXIT_CONFIDENCE_HELP
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Top-1/top-5 accuracy, loss, per-class accuracy and a confusion matrix on a validation split."""
     import json
     from pathlib import Path
 
     from sret.evaluate import evaluate
-    from sret.io import UserError
+    from sret.io import UserError, check_destination
 
     path = Path(checkpoint)
     png = Path(confusion) if confusion else path.with_name(f"{path.stem}_confusion_{dataset or 'val'}.png")
     try:
+        check_destination(png, overwrite)
         result = evaluate(
             checkpoint,
             dataset,
@@ -382,9 +392,13 @@ def eval_cmd(
             skip_bad_images,
             parse_loops(loops),
             exit_confidence,
+            model,
         )
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
     if result.skipped:
         typer.echo(f"warning: skipped {result.skipped} unreadable image(s), left out of the scores", err=True)
     if as_json:
@@ -434,6 +448,7 @@ def predict_cmd(
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON: {image: {class: probability}}, null for a skipped image."
     ),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
 ) -> None:
     """Top-k class names and probabilities for each image."""
     import json
@@ -443,7 +458,15 @@ def predict_cmd(
 
     try:
         result = predict(
-            checkpoint, images, topk, device, batch_size, skip_bad_images, parse_loops(loops), exit_confidence
+            checkpoint,
+            images,
+            topk,
+            device,
+            batch_size,
+            skip_bad_images,
+            parse_loops(loops),
+            exit_confidence,
+            model,
         )
     except (UserError, ValueError, OSError) as e:
         raise _user_error(e) from None
@@ -452,11 +475,18 @@ def predict_cmd(
     if as_json:
         doc = {img: dict(ranked) for img, ranked in result.ranked.items()}
         typer.echo(json.dumps(doc | dict.fromkeys(result.skipped), indent=2))
-        return
-    for img, ranked in result.ranked.items():
-        typer.echo(f"{img}  (stopped at {result.loops[img]} loops)" if img in result.loops else img)
-        for cls, p in ranked:
-            typer.echo(f"  {p:7.2%}  {cls}")
+    else:
+        for img, ranked in result.ranked.items():
+            typer.echo(f"{img}  (stopped at {result.loops[img]} loops)" if img in result.loops else img)
+            for cls, p in ranked:
+                typer.echo(f"  {p:7.2%}  {cls}")
+    if result.unfinished:  # Ctrl-C: what was made is printed above, then this
+        typer.echo(
+            f"interrupted: the {len(result.ranked)} prediction(s) made are printed; "
+            f"{result.unfinished} image(s) were not classified",
+            err=True,
+        )
+        raise typer.Exit(130)
 
 
 @app.command("export")
@@ -477,6 +507,7 @@ def export_cmd(
     random_init: bool = typer.Option(False, "--random-init", help="CHECKPOINT is a model name; random init."),
     atol: float = typer.Option(1e-4, "--atol", help="Largest accepted |exported - PyTorch|."),
     loops: str | None = typer.Option(None, "--loops", help=LOOPS_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Export to ONNX, TorchScript or a torch.export program, verified against PyTorch before writing."""
     from sret.export import ExportMismatch, ExportRefused, export_model
@@ -484,8 +515,21 @@ def export_cmd(
 
     try:
         result = export_model(
-            checkpoint, fmt, output, model, img_size, batch, shuffle, random_init, atol, parse_loops(loops)
+            checkpoint,
+            fmt,
+            output,
+            model,
+            img_size,
+            batch,
+            shuffle,
+            random_init,
+            atol,
+            parse_loops(loops),
+            overwrite,
         )
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
     except ExportRefused as e:
         raise _user_error(e, code=3) from None
     except UserError as e:  # the checkpoint: missing, unreadable, or not what it says
@@ -520,13 +564,17 @@ def recursify_cmd(
     timm_weights: str | None = typer.Option(
         None, "--timm-weights", help="Weights of a timm:NAME source (else timm's random init)."
     ),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Turn a non-recursive model into a recursive SReT with per-loop low-rank adapters."""
     from sret.io import UserError
     from sret.recursify import recursify_file
 
     try:
-        result, path = recursify_file(source, loops, parse_rank(rank), init, vectors, out, timm_weights)
+        result, path = recursify_file(
+            source, loops, parse_rank(rank), init, vectors, out, timm_weights, model, overwrite
+        )
     except UserError as e:
         raise _user_error(e, code=1) from None
     model = result.model

@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sret.checkpoint import create_model, model_from_weights
-from sret.io import UserError, atomic_write
+from sret.checkpoint import create_model, model_from_weights, read_metadata
+from sret.info import memory_estimate, model_config
+from sret.io import UserError, atomic_write, check_destination
+from sret.model import MODEL_CONFIGS
+from sret.runtime import require_memory
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +80,41 @@ def build_model(
         raise UserError(f"checkpoint not found: {source} (a model name needs --random-init)")
     model, meta = model_from_weights(source, model_name, loops=loops, **overrides)
     return model.eval(), model_name or meta["model_name"]
+
+
+def check_memory(
+    source: str | os.PathLike,
+    model_name: str | None,
+    random_init: bool,
+    overrides: dict[str, Any],
+    batch: int,
+) -> None:
+    """Refuse an `--img-size` or `--batch` this machine cannot export at, before the model is built
+    (its positional embedding and token layouts alone grow with the size): see sret.info.memory_estimate.
+    A source that does not name a SReT is left to the checks that name the problem."""
+    if batch + 1 > MAX_BATCH:
+        raise ValueError(
+            f"--batch must be at most {MAX_BATCH - 1} (the largest batch an export takes), got {batch}"
+        )
+    stored: dict[str, Any] = {}
+    if not random_init:
+        try:
+            meta = read_metadata(source) if Path(source).is_file() else {}
+        except ValueError:
+            return  # an unreadable file: building the model says why
+        stored = meta.get("model_args", {}) if model_name in (None, meta.get("model_name")) else {}
+        model_name = model_name or meta.get("model_name")
+    name = str(model_name or source)
+    if name.split(".", 1)[0] not in MODEL_CONFIGS:
+        return
+    try:
+        cfg = model_config(name, **{**stored, **overrides})
+    except (TypeError, ValueError):
+        return  # arguments that do not build: building the model says which
+    size = overrides.get("img_size", cfg.img_size)
+    what = f"exporting {name} at img_size {size} with batch {batch}"
+    needed = memory_estimate(cfg, batch + 1, training=False)
+    require_memory(needed, torch.device("cpu"), what, "lower --img-size or --batch")
 
 
 def check_exportable(model: nn.Module, name: str, fmt: str) -> None:
@@ -214,10 +252,18 @@ def export_model(
     random_init: bool = False,
     atol: float = 1e-4,
     loops: int | Sequence[int] | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
-    """Export, verify against PyTorch and (only if it matches) write the artifact atomically."""
+    """Export, verify against PyTorch and (only if it matches) write the artifact atomically. The
+    destination is checked first (an existing file is replaced only with `overwrite`), and so are the
+    sizes, so that nothing is built for an export that could not be written."""
     if fmt not in WRITERS:
         raise ValueError(f"format must be one of {', '.join(WRITERS)}, got {fmt!r}")
+    path = Path(output) if output is not None else default_output(source, fmt)
+    if not random_init and Path(source).is_file() and path.resolve() == Path(source).resolve():
+        raise UserError(f"the output {path} is the checkpoint itself: name another file")
+    check_destination(path, overwrite)
+    check_memory(source, model_name, random_init, {"img_size": img_size} if img_size else {}, batch)
     model, name = build_model(source, model_name, img_size, shuffle, random_init, loops)
     check_exportable(model, name, fmt)
     size = model_img_size(model)
@@ -226,7 +272,6 @@ def export_model(
     example, *checks = (
         torch.randn(b, in_chans, size, size, generator=generator) for b in (batch, batch, batch + 1)
     )
-    path = Path(output) if output is not None else default_output(source, fmt)
     outcome: dict[str, Any] = {}
 
     def write_and_verify(tmp: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sret.checkpoint import load_state, model_from_weights, save_weights
-from sret.io import UserError
+from sret.io import UserError, check_destination
 from sret.model import LORA_TARGETS, MODEL_CONFIGS, Block, LoRARank, SReT, SReTConfig, StageConfig
 from sret.variants import config_overrides
 
@@ -288,10 +288,12 @@ def checkpoint_args(model: SReT, base: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-def load_source(source: str, timm_weights: str | None = None) -> tuple[nn.Module, str, dict[str, Any]]:
+def load_source(
+    source: str, timm_weights: str | None = None, model_name: str | None = None
+) -> tuple[nn.Module, str, dict[str, Any]]:
     """The model SOURCE names, the registered variant its checkpoint is written against, and its run
-    info: one of our weights files, or `timm:NAME` (a timm ViT/DeiT; weights from `timm_weights`, else
-    timm's random initialisation)."""
+    info: one of our weights files (`model_name` names the architecture of one without metadata), or
+    `timm:NAME` (a timm ViT/DeiT; weights from `timm_weights`, else timm's random initialisation)."""
     if source.startswith("timm:"):
         name = source.removeprefix("timm:")
         state = load_state(timm_weights) if timm_weights else None
@@ -314,10 +316,11 @@ def load_source(source: str, timm_weights: str | None = None) -> tuple[nn.Module
         return vit.eval(), "sret_t", {"preprocess": timm_preprocess(vit)}
     if timm_weights:
         raise UserError("--timm-weights goes with a timm:NAME source")
-    model, meta = model_from_weights(source)
+    model, meta = model_from_weights(source, model_name)
     if not isinstance(model, SReT):
         raise UserError(f"{source} does not hold a SReT")
-    return model.eval(), meta.get("model_name", "sret_t"), meta.get("info") or {}
+    base = model_name.split(".", 1)[0] if model_name else meta.get("model_name", "sret_t")
+    return model.eval(), base, meta.get("info") or {}
 
 
 def timm_preprocess(model: nn.Module) -> dict[str, Any]:
@@ -338,15 +341,13 @@ def recursify_file(
     vectors: bool | None = None,
     out: str | os.PathLike | None = None,
     timm_weights: str | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Recursified, Path]:
     """Convert SOURCE (see :func:`load_source`) and write the recursive model as our safetensors, with
     the metadata `sret eval` and `sret train --set checkpoint=FILE` rebuild it from. Nothing is
-    written unless the conversion succeeds."""
-    model, base, info = load_source(source, timm_weights)
-    try:
-        result = convert(model, loops, rank, init, vectors)
-    except ValueError as e:
-        raise UserError(f"cannot recursify {source}: {e}") from None
+    written unless the conversion succeeds, and an existing file is replaced only with `overwrite`
+    (checked before the conversion)."""
     timm_source = source.startswith("timm:")
     name = (
         f"{source.removeprefix('timm:') if timm_source else Path(source).stem}-L{loops}-r{rank}.safetensors"
@@ -356,5 +357,11 @@ def recursify_file(
         raise UserError(f"--out must be a .safetensors file, got {path}")
     if not timm_source and path.resolve() == Path(source).resolve():
         raise UserError(f"--out {path} is the source itself: choose another file")
+    check_destination(path, overwrite)
+    model, base, info = load_source(source, timm_weights, model_name)
+    try:
+        result = convert(model, loops, rank, init, vectors)
+    except ValueError as e:
+        raise UserError(f"cannot recursify {source}: {e}") from None
     save_weights(result.model, path, base, checkpoint_args(result.model, base), info)
     return result, path
