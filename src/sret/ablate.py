@@ -194,10 +194,8 @@ def load_grid(
     except UserError as e:
         raise UserError(f"grid {path}: {e}") from None
     n_seeds = seeds if seeds is not None else spec.get("seeds", 3)
-    whole = isinstance(n_seeds, int | float) and not isinstance(n_seeds, bool) and float(n_seeds).is_integer()
-    if not whole or n_seeds < 1:
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise UserError(f"grid {path}: seeds must be a whole number >= 1, got {n_seeds!r}")
-    n_seeds = int(n_seeds)
     base = spec.get("base") or {}
     if not isinstance(base, dict):
         raise UserError(f"grid {path}: `base:` must be a mapping of model option: value")

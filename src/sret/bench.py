@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sret import kernels
-from sret.info import count_macs, macs_by_module
+from sret.info import count_macs, macs_by_module, memory_estimate, model_config
+from sret.io import UserError
 from sret.kernels import onednn
 from sret.kernels.table import always
 from sret.model import MODEL_CONFIGS  # importing the model registers the SReT variants with timm
-from sret.runtime import has_fused_adam, release_cpu_memory
+from sret.runtime import has_fused_adam, release_cpu_memory, require_memory
 
 REFERENCES = ("deit_tiny_patch16_224", "pit_ti_224")
 DEFAULT_MODELS = ("sret_t", "sret_t_noslice")
@@ -196,12 +197,31 @@ def build_model(contender: Contender, cfg: BenchConfig) -> tuple[nn.Module, int]
     optional = {"drop_path_rate": cfg.drop_path}
     if cfg.img_size is not None:
         optional["img_size"] = cfg.img_size
+    if is_sret(contender.name):
+        check_memory(contender.name, {**kwargs, **optional}, cfg)
     model = _create(contender.name, kwargs, optional)
     if cfg.loops is not None and is_sret(contender.name):
         model.set_loops(cfg.loops)
     if contender.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(cfg.device), cfg.img_size or default_img_size(model)
+
+
+def check_memory(name: str, args: dict[str, Any], cfg: BenchConfig) -> None:
+    """A SReT at a size the device cannot hold is a BenchError before it is built (its positional
+    embedding and token layouts alone grow with the size; see sret.info.memory_estimate)."""
+    model_cfg = model_config(name, **args)
+    step = "training" if cfg.train else "running"
+    what = f"{step} {name} at img_size {model_cfg.img_size} with batch {cfg.batch}"
+    try:
+        require_memory(
+            memory_estimate(model_cfg, cfg.batch, cfg.train),
+            torch.device(cfg.device),
+            what,
+            "lower --img-size or --batch",
+        )
+    except UserError as e:
+        raise BenchError(str(e)) from None
 
 
 def _create(name: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> nn.Module:

@@ -9,6 +9,7 @@ clear error.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -156,6 +157,8 @@ class RGBLoader:
 
     def read(self, path: str) -> Image.Image:
         try:
+            if not os.path.isfile(path):  # a FIFO would block the open forever, a link loop fail on it
+                raise OSError("not a regular file (a FIFO, a socket, or a link that leads nowhere)")
             with Image.open(path) as img:
                 return img.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

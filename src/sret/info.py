@@ -201,10 +201,11 @@ def memory_estimate(cfg: SReTConfig, batch: int, training: bool) -> int:
     """
     height, width = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else cfg.img_size
     dim0 = cfg.stages[0].dim
-    if cfg.stem == "conv":  # three stride-2 convs: dim0/2, dim0, dim0 channels
+    if cfg.stem == "conv":  # three convs, dim0/2, dim0 and dim0 channels, the first log2(stride) halving
         maps = [(height, width)]
-        for _ in range(3):
-            maps.append((-(-maps[-1][0] // 2), -(-maps[-1][1] // 2)))
+        for i in range(3):
+            halve = i < cfg.stem_stride.bit_length() - 1
+            maps.append((-(-maps[-1][0] // 2), -(-maps[-1][1] // 2)) if halve else maps[-1])
         stem = [c * h * w for c, (h, w) in zip((dim0 // 2, dim0, dim0), maps[1:], strict=True)]
         grid = maps[-1]
     else:
