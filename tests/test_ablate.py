@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
-from sret.ablate import GRIDS, TIME_FIELDS, load_grid, run_grid
+from sret.ablate import GRIDS, TIME_FIELDS, Layout, check_same_grid, load_grid, run_grid
 from sret.checkpoint import create_model
 from sret.io import UserError
+from sret.train import FAULT_EXIT_AFTER_CHECKPOINT
 from sret.variants import resolve_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_SET = dict(epochs=1, train_subset=64, val_subset=32, batch_size=32, warmup_epochs=0)
 
 
@@ -153,6 +155,11 @@ def test_a_failed_cell_is_reported_and_does_not_stop_the_others(tmp_path: Path) 
         ("variants: {x: {}}\nset: {epochz: 1}\n", "grid.yaml: unknown config option(s): epochz"),
         ("variants: {x: {}}\ncompare: [[x, y]]\n", "`compare:` names unknown variant(s) y"),
         ("variants: {x: {}}\ncompare: [x]\n", "`compare:` must be a list of [variant, reference] pairs"),
+        ("variants: {x: {}}\nseeds: null\n", "grid.yaml: seeds must be a whole number >= 1, got None"),
+        ("variants: {x: {}}\nseeds: three\n", "grid.yaml: seeds must be a whole number >= 1, got 'three'"),
+        ("variants: {x: {}}\nseeds: 1.9\n", "grid.yaml: seeds must be a whole number >= 1, got 1.9"),
+        ("variants: {x: {}}\nseeds: true\n", "grid.yaml: seeds must be a whole number >= 1, got True"),
+        ("variants: {x: {}}\nseeds: 0\n", "grid.yaml: seeds must be a whole number >= 1, got 0"),
     ],
 )
 def test_a_broken_grid_is_one_clear_error_before_any_training(
@@ -167,57 +174,75 @@ def test_a_broken_grid_is_one_clear_error_before_any_training(
 
 def test_another_grid_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     grid = load_grid(str(write_grid(tmp_path, {"a": {"loops": 1}})))
-    run_grid(grid, tmp_path / "out", log=lambda _: None)
+    (tmp_path / "out").mkdir()
+    check_same_grid(grid, Layout(tmp_path / "out"))  # what run_grid stamps the folder with first
     other = load_grid(str(write_grid(tmp_path, {"a": {"loops": 2}})))
     with pytest.raises(UserError, match="holds the cells of another grid"):
         run_grid(other, tmp_path / "out", log=lambda _: None)
 
 
-def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_table(tmp_path: Path) -> None:
-    settings = dict(epochs=3, train_subset=320, val_subset=64, batch_size=32, warmup_epochs=0)
-    spec = dict(recipe="digits", set=settings, seeds=1, variants={"a": {"loops": 1}, "b": {}})
+def test_a_killed_cell_resumes_on_rerun_and_gives_the_uninterrupted_table(tmp_path: Path) -> None:
+    settings = dict(epochs=2, train_subset=128, val_subset=64, batch_size=32, warmup_epochs=0)
+    spec = dict(recipe="digits", set=settings, seeds=1, variants={"b": {}})
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "sret", "ablate", str(path), "--threads", "1"]
-    straight = subprocess.run(
-        [*command, "--out", str(tmp_path / "straight")],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+
+    def ablate(out: str, **env: str) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+        args = [*command, "--out", str(tmp_path / out)]
+        return subprocess.run(args, env=full_env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    straight = ablate("straight")
     assert straight.returncode == 0, straight.stderr
-    victim = subprocess.Popen(
-        [*command, "--out", str(tmp_path / "killed")],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    killed = ablate("killed", **{FAULT_EXIT_AFTER_CHECKPOINT: "1"})  # the cell exits hard after epoch 1
+    assert killed.returncode == 0 and "b-s0: FAILED" in killed.stderr, killed.stderr
     state = tmp_path / "killed" / "cells" / "b-s0" / "last_state.pt"
-    deadline = time.monotonic() + 300
-    while not state.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert torch.load(state, weights_only=True)["epoch"] < 3, "the cell finished before the kill"
-    time.sleep(0.5)  # the cell process dies with the grid (no orphan keeps training)
-    alive = subprocess.run(["pgrep", "-f", str(tmp_path / "killed")], capture_output=True, text=True)
-    assert alive.stdout.strip() == ""
-    rerun = subprocess.run(
-        [*command, "--out", str(tmp_path / "killed")],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    rerun = ablate("killed")
     assert rerun.returncode == 0, rerun.stderr
-    assert "(1 already finished, 1 to run)" in rerun.stderr
+    assert "(0 already finished, 1 to run)" in rerun.stderr
+    log = (tmp_path / "killed" / "logs" / "b-s0.log").read_text().splitlines()
+    launches = [line for line in log if line.startswith("$ ")]
+    assert len(launches) == 2 and "--resume" in launches[1]  # the failed cell resumed, not restarted
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "killed"))
     assert stable(two["variants"]) == stable(one["variants"])
+
+
+# A process that starts a child the way `sret ablate` starts a cell, then prints the child's id; the
+# child holds the write end of a pipe (its file descriptor is argv[1]) and waits for a signal.
+CELL_PARENT = """
+import subprocess, sys
+from sret.runtime import die_with_parent
+child = subprocess.Popen(
+    [sys.executable, "-c", "import signal; signal.pause()"],
+    pass_fds=(int(sys.argv[1]),),
+    preexec_fn=die_with_parent,
+)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_a_cell_dies_with_its_grid() -> None:
+    """A SIGKILLed `sret ablate` leaves no cell training on (a rerun would train it twice at once)."""
+    read, write = os.pipe()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", CELL_PARENT, str(write)], pass_fds=(write,), stdout=subprocess.PIPE, text=True
+    )
+    os.close(write)
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait()
+        ready, _, _ = select.select([read], [], [], 120)  # end of file once the child is gone
+        assert ready and os.read(read, 1) == b"", "the child outlived its killed parent"
+    finally:
+        os.close(read)
+        if parent.stdout:
+            parent.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_comparisons_are_welch_tests_over_seeds() -> None:

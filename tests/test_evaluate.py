@@ -16,14 +16,12 @@ from typer.testing import CliRunner
 from sret.cli import app
 from sret.data import build_datasets
 from sret.evaluate import evaluate, load_trained, predict
-from sret.train import resolve_config, train
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    cfg = resolve_config("digits", output=str(out), name="r", epochs=3, train_subset=512, threads=1)
-    return train(cfg)
+@pytest.fixture
+def run(trained_run: Path) -> Path:
+    """The session's trained run (see conftest.py), read only."""
+    return trained_run
 
 
 def test_eval_scores_the_runs_held_out_split(run: Path, tmp_path: Path) -> None:
@@ -36,7 +34,8 @@ def test_eval_scores_the_runs_held_out_split(run: Path, tmp_path: Path) -> None:
     assert result.acc1 == pytest.approx(best, abs=1e-6)
 
 
-def test_eval_cli_prints_table_and_json(run: Path) -> None:
+def test_eval_cli_prints_table_and_json(run_copy: Path) -> None:
+    run = run_copy  # the confusion matrices go beside the weights
     text = CliRunner().invoke(app, ["eval", str(run / "last.safetensors")])
     assert text.exit_code == 0, text.output
     assert "top-1" in text.stdout and "per-class accuracy" in text.stdout

@@ -1,10 +1,10 @@
-"""Training: config resolution, run folder, exact resume after SIGKILL, NaN guard, DDP, distillation."""
+"""Training: config resolution, run folder, Ctrl-C, NaN guard, DDP, distillation (exact resume after a
+hard exit: test_reliability.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,23 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY_ARGS
+from typer.testing import CliRunner
 
+from sret.cli import app
 from sret.io import UserError
-from sret.train import STATE_FILE, TrainConfig, final_metrics, resolve_config, train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(train_subset=128, val_subset=64, batch_size=32, epochs=2, warmup_epochs=0, threads=1, lr=2e-3)
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    return resolve_config("digits", output=str(tmp_path), name=name, **{**TINY, **overrides})
-
-
-def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "sret", *args], capture_output=True, text=True, env=env, cwd=ROOT, **kwargs
-    )
+from sret.train import (
+    FAULT_INTERRUPT_AFTER_STEP,
+    STATE_FILE,
+    TrainConfig,
+    final_metrics,
+    resolve_config,
+    train,
+)
 
 
 def test_recipe_sets_and_flags_resolve_in_order() -> None:
@@ -45,8 +41,8 @@ def test_recipe_sets_and_flags_resolve_in_order() -> None:
         resolve_config("no_such_recipe")
 
 
-def test_tiny_run_writes_everything(tmp_path: Path) -> None:
-    run = train(tiny(tmp_path, model_ema=True, model_ema_decay=0.9))
+def test_tiny_run_writes_everything(tiny) -> None:
+    run = train(tiny(model_ema=True, model_ema_decay=0.9))
     names = {p.name for p in run.iterdir()}
     expected = {"config.yaml", "classes.json", "metrics.jsonl", "curves.png", "last.safetensors"}
     assert expected | {"best.safetensors", "last_ema.safetensors", STATE_FILE, "tensorboard"} <= names
@@ -54,98 +50,42 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"train_loss", "val_acc1", "val_acc5", "lr", "img_per_s", "ema_val_acc1"} <= set(rows[0])
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert TrainConfig.from_dict(saved) == tiny(tmp_path, model_ema=True, model_ema_decay=0.9)
+    assert TrainConfig.from_dict(saved) == tiny(model_ema=True, model_ema_decay=0.9)
     state = torch.load(run / STATE_FILE, weights_only=True)  # no pickled objects in the state
     assert state["epoch"] == 2 and state["step"] == 0 and len(state["history"]) == 2
     assert state["optimizer"]["param_groups"][0]["fused"]  # torch's fused AdamW kernel on CPU
     with pytest.raises(UserError, match="already holds a run"):
-        train(tiny(tmp_path))
+        train(tiny())
 
 
-def test_ctrl_c_says_where_to_resume(tmp_path: Path) -> None:
-    args = ["train", "--output", str(tmp_path), "--name", "r", "--epochs", "200", "--set", "threads=1"]
-    run = subprocess.Popen(
-        [sys.executable, "-m", "sret", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a test runner started in the background inherits an ignored SIGINT, which Python keeps
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    state = tmp_path / "r" / STATE_FILE
-    deadline = time.monotonic() + 120
-    while not state.exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=120)
-    assert run.returncode == 130, err
-    said = "".join(err.split())  # the console wraps long lines
+def test_ctrl_c_says_where_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULT_INTERRUPT_AFTER_STEP, "2")  # Ctrl-C after step 2, checkpointed at step 1 and 2
+    args = ["train", "--output", str(tmp_path), "--name", "r", "--epochs", "1", *TINY_ARGS]
+    args += ["--save-every-steps", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    said = "".join(result.stderr.split())  # the console wraps long lines
     assert "".join(f"continue with `sret train --resume {tmp_path / 'r'}`".split()) in said
-    assert "Traceback" not in err
-    assert torch.load(state, weights_only=True)["epoch"] >= 1  # the last checkpoint is intact
+    assert "Traceback" not in result.output
+    assert torch.load(tmp_path / "r" / STATE_FILE, weights_only=True)["global_step"] == 2  # intact
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    args = [
-        "train",
-        "--output",
-        str(tmp_path),
-        "--epochs",
-        "4",
-        "--batch-size",
-        "32",
-        "--save-every-steps",
-        "3",
-        "--set",
-        "train_subset=160",
-        "--set",
-        "val_subset=64",
-        "--set",
-        "warmup_epochs=1",
-        "--set",
-        "threads=1",
-        "--set",
-        "mixup=0.8",
-        "--set",
-        "cutmix=1.0",
-        "--model-ema",
-        "--set",
-        "model_ema_decay=0.9",
-        "--set",
-        "drop_path=0.1",
-    ]  # mixup (numpy RNG), drop path and token shuffles (torch RNG) all need their state restored
-    reference = cli(*args, "--name", "straight")
-    assert reference.returncode == 0, reference.stderr
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "sret", *args, "--name", "killed"],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = tmp_path / "killed" / STATE_FILE
-    deadline = time.monotonic() + 120
-    while not state.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    saved = torch.load(state, weights_only=True)
-    assert saved["global_step"] < 4 * 5, "the run finished before it could be killed"
-    resumed = cli("train", "--resume", str(tmp_path / "killed"))
-    assert resumed.returncode == 0, resumed.stderr
-    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    again = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert len(again) == len(straight) == 4
-    assert final_metrics(tmp_path / "killed") == final_metrics(tmp_path / "straight")
-    assert "ema_val_acc1" in final_metrics(tmp_path / "killed")
-    for a, b in zip(again, straight, strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+def test_ctrl_c_before_the_first_checkpoint_does_not_claim_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_INTERRUPT_AFTER_STEP, "1")
+    args = ["train", "--output", str(tmp_path), "--name", "r", "--epochs", "1", *TINY_ARGS]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    said = " ".join(result.stderr.split())
+    assert "before the first checkpoint: nothing was kept" in said and "keeps the last checkpoint" not in said
+    assert not (tmp_path / "r" / STATE_FILE).exists()
+    monkeypatch.delenv(FAULT_INTERRUPT_AFTER_STEP)
+    assert final_metrics(train(resume=tmp_path / "r"))["epoch"] == 1  # which starts it again, as it says
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
-    cfg = tiny(tmp_path, epochs=3, lr=1e30, smoothing=0.0, save_every_steps=1)
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, tiny) -> None:
+    cfg = tiny(epochs=3, lr=1e30, smoothing=0.0, save_every_steps=1)
     with pytest.raises(UserError, match=r"loss is (nan|inf) .* last good checkpoint .* is kept"):
         train(cfg)
     state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
@@ -157,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
     assert all(torch.equal(weights[k], v) for k, v in state["model"].items())
 
 
-def test_distillation_from_checkpoint_and_from_logits(tmp_path: Path) -> None:
+def test_distillation_from_checkpoint_and_from_logits(tmp_path: Path, tiny) -> None:
     from typer.testing import CliRunner
 
     from sret.cli import app
@@ -171,9 +111,9 @@ def test_distillation_from_checkpoint_and_from_logits(tmp_path: Path) -> None:
     assert float(soft_distillation_loss(logits, logits, 2.0)) == pytest.approx(4 * float(entropy), rel=1e-5)
     assert float(soft_distillation_loss(torch.randn(4, 10), logits, 2.0)) > float(4 * entropy)
 
-    teacher = train(tiny(tmp_path, name="teacher", epochs=1)) / "last.safetensors"
+    teacher = train(tiny(name="teacher", epochs=1)) / "last.safetensors"
     student = train(
-        tiny(tmp_path, name="kd", epochs=1, teacher=str(teacher), distill_alpha=0.7, distill_temperature=2.0)
+        tiny(name="kd", epochs=1, teacher=str(teacher), distill_alpha=0.7, distill_temperature=2.0)
     )
     assert final_metrics(student)["train_loss"] > 0
 
@@ -188,33 +128,33 @@ def test_distillation_from_checkpoint_and_from_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = load_trained(teacher).model(torch.stack([train_set[i][0] for i in range(128)]))
     assert torch.allclose(load_file(out)["logits"], expected, atol=1e-5)
-    from_file = train(tiny(tmp_path, name="kd_file", epochs=1, teacher_logits=str(out), distill_alpha=1.0))
+    from_file = train(tiny(name="kd_file", epochs=1, teacher_logits=str(out), distill_alpha=1.0))
     assert final_metrics(from_file)["train_loss"] > 0
     torch.save({"logits": expected[:5]}, tmp_path / "short.pt")
     with pytest.raises(UserError, match="expected a 'logits' tensor"):
-        train(tiny(tmp_path, name="bad", teacher_logits=str(tmp_path / "short.pt")))
+        train(tiny(name="bad", teacher_logits=str(tmp_path / "short.pt")))
     with pytest.raises(UserError, match="unmixed"):
-        tiny(tmp_path, name="bad", teacher_logits=str(out), mixup=0.8)
+        tiny(name="bad", teacher_logits=str(out), mixup=0.8)
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
-    run = train(tiny(tmp_path, epochs=1, amp="bf16", mixup=0.8, cutmix=1.0, clip_grad=1.0))
+def test_bf16_autocast_trains_on_cpu(tmp_path: Path, tiny) -> None:
+    run = train(tiny(epochs=1, amp="bf16", mixup=0.8, cutmix=1.0, clip_grad=1.0))
     metrics = final_metrics(run)
     assert metrics["train_loss"] > 0 and 0.0 <= metrics["val_acc1"] <= 1.0
 
 
-def test_compiled_training_saves_plain_weights(tmp_path: Path) -> None:
+def test_compiled_training_saves_plain_weights(tmp_path: Path, tiny) -> None:
     """--compile wraps only the training forward: checkpoints keep the model's own parameter names."""
     from safetensors.torch import load_file
 
     from sret import create_model
 
-    run = train(tiny(tmp_path, epochs=1, compile="aot_eager"))  # capture + autograd, no codegen: fast
+    run = train(tiny(epochs=1, compile="aot_eager"))  # capture + autograd, no codegen: fast
     assert final_metrics(run)["train_loss"] > 0
     saved = load_file(run / "last.safetensors")
     assert set(saved) == set(create_model("sret_nano", num_classes=10).state_dict())
     with pytest.raises(UserError, match=r"compile must be none or one of .*inductor"):
-        tiny(tmp_path, name="bad", compile="turbo")
+        tiny(name="bad", compile="turbo")
 
 
 def test_ranks_split_each_global_batch_of_the_single_process_order() -> None:
@@ -234,7 +174,7 @@ def test_ranks_split_each_global_batch_of_the_single_process_order() -> None:
     assert list(one) == order[32:]  # a resumed epoch continues on the unseen samples
 
 
-def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one(tmp_path: Path, cli) -> None:
     common = [
         "--epochs",
         "2",
