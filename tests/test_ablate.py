@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
 
 from sret.ablate import GRIDS, TIME_FIELDS, Layout, check_same_grid, load_grid, run_grid
 from sret.checkpoint import create_model
@@ -181,30 +180,29 @@ def test_another_grid_in_the_same_folder_is_refused(tmp_path: Path) -> None:
         run_grid(other, tmp_path / "out", log=lambda _: None)
 
 
-def test_a_killed_cell_resumes_on_rerun_and_gives_the_uninterrupted_table(tmp_path: Path) -> None:
+def test_a_killed_cell_resumes_on_rerun_and_gives_the_uninterrupted_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = dict(epochs=2, train_subset=128, val_subset=64, batch_size=32, warmup_epochs=0)
     spec = dict(recipe="digits", set=settings, seeds=1, variants={"b": {}})
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "sret", "ablate", str(path), "--threads", "1"]
-
-    def ablate(out: str, **env: str) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-        args = [*command, "--out", str(tmp_path / out)]
-        return subprocess.run(args, env=full_env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-    straight = ablate("straight")
-    assert straight.returncode == 0, straight.stderr
-    killed = ablate("killed", **{FAULT_EXIT_AFTER_CHECKPOINT: "1"})  # the cell exits hard after epoch 1
-    assert killed.returncode == 0 and "b-s0: FAILED" in killed.stderr, killed.stderr
+    grid = load_grid(str(path))
+    straight = run_grid(grid, tmp_path / "straight", threads=1, log=lambda _: None)
+    monkeypatch.setenv(FAULT_EXIT_AFTER_CHECKPOINT, "1")  # the cell process exits hard after epoch 1
+    lines: list[str] = []
+    [killed] = run_grid(grid, tmp_path / "killed", threads=1, log=lines.append)
+    assert killed["status"] == "failed" and any("b-s0: FAILED" in line for line in lines)
     state = tmp_path / "killed" / "cells" / "b-s0" / "last_state.pt"
     assert torch.load(state, weights_only=True)["epoch"] == 1
-    rerun = ablate("killed")
-    assert rerun.returncode == 0, rerun.stderr
-    assert "(0 already finished, 1 to run)" in rerun.stderr
+    monkeypatch.delenv(FAULT_EXIT_AFTER_CHECKPOINT)
+    lines.clear()
+    rerun = run_grid(grid, tmp_path / "killed", threads=1, log=lines.append)
+    assert "(0 already finished, 1 to run)" in lines[0]
     log = (tmp_path / "killed" / "logs" / "b-s0.log").read_text().splitlines()
     launches = [line for line in log if line.startswith("$ ")]
     assert len(launches) == 2 and "--resume" in launches[1]  # the failed cell resumed, not restarted
+    assert stable(rerun) == stable(straight)
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "killed"))
     assert stable(two["variants"]) == stable(one["variants"])
 
@@ -278,7 +276,7 @@ def test_the_shipped_grids_resolve() -> None:
 def test_a_cell_starts_from_the_weights_an_earlier_grid_made_for_its_seed(tmp_path: Path) -> None:
     first = load_grid(str(write_grid(tmp_path, {"source": {"loops": 1}, "longer": {"set": {"epochs": 2}}})))
     assert {v.name: first.configs[v.name].epochs for v in first.variants} == {"source": 1, "longer": 2}
-    run_grid(first, tmp_path / "first", jobs=2, log=lambda _: None)
+    run_grid(first, tmp_path / "first", only=["source-s0"], log=lambda _: None)  # the cell the next uses
     weights = "{out}/../../first/cells/source-s{seed}/last.safetensors"
     (tmp_path / "second").mkdir()
     second = load_grid(str(write_grid(tmp_path / "second", {"tuned": {"set": {"checkpoint": weights}}})))

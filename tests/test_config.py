@@ -21,6 +21,7 @@ BAD = [
     ("train_subset", -5, "train_subset must be a finite number >= 1"),
     ("val_subset", 0, "val_subset must be a finite number >= 1"),
     ("skip_bad_images", "yes", "option skip_bad_images: expected bool"),
+    ("cache_images", 1, "option cache_images: expected bool"),
     ("checkpoint", ["a"], "option checkpoint: expected str"),
     ("model_args", {"loopz": 1}, "unknown model option(s) loopz"),
     ("drop_path", 1.5, "drop_path must be in [0.0, 1.0)"),
