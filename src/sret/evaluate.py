@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -297,8 +297,17 @@ class Predictions(NamedTuple):
 
 
 def image_suffixes() -> set[str]:
-    """The file name suffixes of the image formats Pillow reads (what `predict FILE` accepts)."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    """The file name suffixes of the image formats Pillow decodes (what `predict FILE` reads), less the
+    formats it only recognises (scientific data stubs, MPEG video, IPTC metadata): a folder's data
+    files are not images."""
+    extensions = Image.registered_extensions()  # loads every plugin first
+    stubs = {fmt for fmt, (factory, _) in Image.OPEN.items() if _is_stub(factory)}
+    decoded = set(Image.OPEN) - stubs - {"MPEG", "IPTC"}
+    return {ext for ext, fmt in extensions.items() if fmt in decoded}
+
+
+def _is_stub(factory: Any) -> bool:
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
 
 
 def not_a_file(path: Path) -> str | None:
