@@ -369,7 +369,9 @@ def eval_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --confusion file (the default one is redrawn anyway)."
+    ),
 ) -> None:
     """Top-1/top-5 accuracy, loss, per-class accuracy and a confusion matrix on a validation split."""
     import json
@@ -381,7 +383,7 @@ def eval_cmd(
     path = Path(checkpoint)
     png = Path(confusion) if confusion else path.with_name(f"{path.stem}_confusion_{dataset or 'val'}.png")
     try:
-        check_destination(png, overwrite)
+        check_destination(png, overwrite or confusion is None)  # its own default report: redrawn
         result = evaluate(
             checkpoint,
             dataset,
