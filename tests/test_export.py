@@ -87,8 +87,8 @@ def test_random_shuffle_is_refused(nano_checkpoint: Path, tmp_path: Path) -> Non
 def test_mismatch_writes_nothing(nano_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "nano.pt"
     out.write_bytes(b"previous")
-    with pytest.raises(ExportMismatch, match="differs from PyTorch"):
-        export_model(nano_checkpoint, "torchscript", out, shuffle="fixed", atol=-1.0)
+    with pytest.raises(ExportMismatch, match="differs from PyTorch"):  # even asked to replace it
+        export_model(nano_checkpoint, "torchscript", out, shuffle="fixed", atol=-1.0, overwrite=True)
     assert out.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [out]  # no temporary left behind
 
