@@ -86,7 +86,8 @@ def test_bench_output_names_no_source_location(tmp_path: Path) -> None:
     text = to_file([*args, "--no-memory", "--no-reference"], tmp_path / "bench.txt")
     assert "building sret_nano" in text and "sret_nano" in text.split("matmul peak")[-1], text
     assert not re.search(r"\w+\.py:\d+", text), text
-    notes = [line for line in text.splitlines() if line.startswith("SReT ran")]
+    assert not re.search(r"^\s+\S", text.split("matmul peak")[0], re.M), text  # no log line wrapped
+    notes = [line for line in text.splitlines() if line.startswith("SReT: sret.kernels")]
     assert notes and notes[0].rstrip().endswith("torch's default kernels"), text  # one line, not wrapped
 
 

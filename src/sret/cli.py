@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 import typer
 
@@ -153,8 +155,11 @@ def bench_cmd(
         models or DEFAULT_MODELS, references, grad_checkpointing, compare_checkpointing, compare_plain
     )
     console = Console(stderr=True, log_path=False)  # a time on each progress line, not cli.py:NNN
+    log: Callable[[str], None] = console.log
+    if not console.is_terminal:  # in a file: one unwrapped line per message, each with its time
+        log = lambda msg: typer.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)  # noqa: E731
     try:
-        result = run_benchmark(entries, cfg, log=lambda msg: console.log(msg))
+        result = run_benchmark(entries, cfg, log=log)
     except BenchError as e:
         raise _user_error(e, code=2) from None
     if as_json:
