@@ -9,7 +9,7 @@ the single calls behind them, to see which one is below the machine's rate befor
   them (:mod:`sret.kernels.onednn`; hidden widths padded as :func:`sret.kernels.ops.mlp` pads them),
   in GFLOP/s beside the matmul peak `sret bench` measures;
 - the GELU of each MLP's first layer: the product alone, with oneDNN's GELU epilogue (how inference
-  runs it), and torch's GELU as a separate pass, in fp32;
+  runs it), and torch's GELU as a separate pass, in fp32 and (where oneDNN has bf16 kernels) bf16;
 - attention: SReT's C kernel forward and backward for every token layout the stages use;
 - the convolution stem in training: forward, input gradient and weight gradient per layer,
   channels-last.
@@ -108,7 +108,7 @@ def products(stages: list[dict], repeats: int) -> list[dict]:
 
 
 def gelu_epilogue(stages: list[dict], repeats: int) -> list[dict]:
-    dtypes = [torch.float32]  # the kernels run fp32 only (bf16 autocast runs torch's own)
+    dtypes = [torch.float32] + ([torch.bfloat16] if onednn.ONEDNN_BF16 else [])
     rows = []
     for stage in stages:
         for hidden in stage["fc1"]:

@@ -25,7 +25,7 @@ from sret.bench import (
     run_benchmark,
 )
 from sret.cli import app
-from sret.kernels import native
+from sret.kernels import native, onednn
 
 ROW_FIELDS = {
     "model",
@@ -208,15 +208,17 @@ def test_bench_reports_time_and_macs_per_part(train: bool) -> None:
 
 
 def test_bench_says_what_runs_under_autocast_and_compile() -> None:
-    """The kernels' own description, in the step's context: bf16 autocast and compiled steps run the
-    plain modules, and the report says so."""
+    """The kernels' own description, in the step's context: bf16 autocast runs the entry points in bf16
+    where oneDNN has bf16 kernels and the plain modules elsewhere, compiled steps the plain modules,
+    and the report says so."""
     amp, compiled = kernel_paths(BenchConfig(amp="bf16")), kernel_paths(BenchConfig(compile=True))
-    assert amp["sret_kernels"].startswith("sret.kernels: the plain modules, in torch's autocast")
+    says = "on in bf16 under autocast" if onednn.ONEDNN_BF16 else "the plain modules, in torch's autocast"
+    assert amp["sret_kernels"].startswith(f"sret.kernels: {says}")
     assert compiled["sret_kernels"].startswith("sret.kernels: the plain modules - compiled")
     args = ["bench", "sret_nano", "--img-size", "32", "--batch", "2", "--warmup", "0", "--repeats", "1"]
     result = CliRunner().invoke(app, [*args, "--no-memory", "--no-reference", "--amp", "bf16"])
     assert result.exit_code == 0, result.output
-    assert "in torch's autocast" in result.output and "SReT's paths" in result.output
+    assert says in result.output and "SReT's paths" in result.output
 
 
 def test_cli_bench_prints_the_part_table() -> None:

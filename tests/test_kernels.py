@@ -19,6 +19,7 @@ from sret.info import count_macs
 from sret.kernels import native, onednn
 from sret.kernels.table import always
 from sret.model import (
+    ConvPool,
     ConvStem,
     FeedForward,
     SlicedAttention,
@@ -29,6 +30,9 @@ from sret.model import (
 )
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no AVX2 CPU or no C compiler here")
+# The bf16 fast paths run only where oneDNN has bf16 kernels (AVX-512 CPUs); elsewhere bf16 autocast
+# runs the plain modules, which test_bf16_autocast_without_onednn_bf16_runs_the_plain_modules checks.
+needs_onednn_bf16 = pytest.mark.skipif(not onednn.ONEDNN_BF16, reason="needs oneDNN's bf16 kernels (AVX-512)")
 
 
 def tiny_cfg(**kw) -> SReTConfig:
@@ -206,15 +210,176 @@ def test_model_matches_the_plain_modules_in_training() -> None:
     assert_same(SReT(tiny_cfg()).train(), torch.randn(2, 3, 32, 32), atol=1e-4)
 
 
+# ---- bf16 under autocast ------------------------------------------------------------------------------
+# Relative L2 error allowed against the fp32 result, for an output or a gradient: bf16 keeps 8
+# significant bits (a rounding of up to 2^-9 relative per stored value), and a layer stores its
+# operands, its products and, in backward, the gradients once or twice each. The kernels and the plain
+# modules under autocast round in different places, so each is held to this bound against fp32 rather
+# than to the other.
+BF16_RTOL = 2e-2
+
+
+def relative_error(a: Tensor, ref: Tensor) -> float:
+    return float((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+def assert_bf16_close(module: torch.nn.Module, *inputs: Tensor) -> None:
+    """Output and every gradient under bf16 autocast, through the kernels and through the plain
+    modules, each within BF16_RTOL of the plain fp32 result."""
+    ref, ref_grads = outputs_and_grads(module, *inputs, plain=True)
+    for plain in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = outputs_and_grads(module, *inputs, plain=plain)
+        assert relative_error(out, ref) < BF16_RTOL, ("plain" if plain else "kernels", "output")
+        for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True)):
+            if b is not None and b.any():
+                assert relative_error(a, b) < BF16_RTOL, ("plain" if plain else "kernels", "grad", i)
+
+
+@pytest.mark.parametrize(("tokens", "groups", "permute"), [(98, 8, True), (196, 2, False), (50, 3, True)])
+def test_sliced_attention_in_bf16_matches_fp32(tokens: int, groups: int, permute: bool) -> None:
+    torch.manual_seed(0)
+    attn = SlicedAttention(64, 2)
+    layout = token_groups(tokens, groups, torch.randperm(tokens) if permute else None)
+
+    class WithLayout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.gain = attn, torch.nn.Parameter(torch.tensor([0.7]))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.attn(x, layout, self.gain)
+
+    assert_bf16_close(WithLayout(), torch.randn(3, tokens, 64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: a bf16 result
+        assert attn(torch.randn(2, tokens, 64), layout).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("hidden", [37, 64])
+def test_mlp_in_bf16_matches_fp32(hidden: int) -> None:
+    torch.manual_seed(0)
+    mlp = FeedForward(32, hidden)
+
+    class WithGain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp, self.gain = mlp, torch.nn.Parameter(torch.tensor([1.3]))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.mlp(x, self.gain)
+
+    assert_bf16_close(WithGain(), torch.randn(2, 7, 32))
+
+
+def test_model_in_bf16_is_as_close_to_fp32_as_autocast_is() -> None:
+    """Every kernel together under autocast. Through a whole model in training the gradients drift
+    further from fp32 than one layer's (BatchNorm's batch statistics in the stem cancel large terms),
+    so the kernels are held to the plain modules' own distance from fp32 under autocast (with 25 %
+    slack), and the output to BF16_RTOL; the gradients reach the fp32 parameters in fp32."""
+    torch.manual_seed(0)
+    model = SReT(tiny_cfg()).train()
+    x = torch.randn(2, 3, 32, 32)
+    ref, ref_grads = outputs_and_grads(model, x, plain=True)
+    errors = {}
+    for plain in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = outputs_and_grads(model, x, plain=plain)
+        assert all(g.dtype == torch.float32 for g in grads[1:] if g is not None)
+        flat = torch.cat([g.flatten() for g in grads[1:] if g is not None])
+        flat_ref = torch.cat([g.flatten() for g in ref_grads[1:] if g is not None])
+        errors[plain] = (
+            relative_error(out, ref),
+            relative_error(grads[0], ref_grads[0]),
+            relative_error(flat, flat_ref),
+        )
+    assert errors[False][0] < BF16_RTOL
+    for ours, autocast in zip(errors[False], errors[True], strict=True):
+        assert ours <= 1.25 * autocast + 1e-3, errors
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert relative_error(model(x), ref) < BF16_RTOL
+
+
+@needs_native
+@needs_onednn_bf16
+def test_bf16_layer_norm_writes_bf16_with_torch_gradients() -> None:
+    """Under bf16 autocast the model's LayerNorms write bf16 (what the next product casts to anyway):
+    the value within one bf16 rounding of fp32 LayerNorm, the gradients torch's LayerNorm backward
+    gives for the same (bf16) incoming gradient, in fp32."""
+    torch.manual_seed(0)
+    norm = sret.model.LayerNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    ref = F.layer_norm(x, (48,), norm.weight, norm.bias, 1e-6)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, [x, norm.weight, norm.bias], grad)
+    refs = torch.autograd.grad(ref, [x, norm.weight, norm.bias], grad.float())
+    for a, b in zip(ours, refs, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(norm(x), ref)  # outside autocast: torch's LayerNorm
+
+
+@needs_native
+def test_bf16_attention_kernel_is_the_fp32_kernel_rounded() -> None:
+    """The bf16 vector kernels widen exactly, compute in fp32 and round as torch rounds (to nearest
+    even, NaN kept): bit for bit the fp32 kernels on the widened inputs, then `.bfloat16()`, forward
+    (with the same log-sum-exp) and backward."""
+    torch.manual_seed(0)
+    for batch, groups, n, heads, depth in [(2, 4, 49, 2, 32), (1, 3, 10, 1, 40), (2, 1, 196, 4, 48)]:
+        qkv = torch.randn(batch, groups * n, 3 * heads * depth).bfloat16()
+        out, lse = native.attention_forward(qkv, groups, heads, depth**-0.5, True)
+        ref, ref_lse = native.attention_forward(qkv.float(), groups, heads, depth**-0.5, True)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16()) and torch.equal(lse, ref_lse)
+        grad = torch.randn_like(out)
+        dqkv = native.attention_backward(grad, qkv, out, lse, groups, heads, depth**-0.5)
+        ref = native.attention_backward(
+            grad.float(), qkv.float(), out.float(), lse, groups, heads, depth**-0.5
+        )
+        assert dqkv.dtype == torch.bfloat16 and torch.equal(dqkv, ref.bfloat16())
+    qkv = torch.randn(1, 8, 3 * 32).bfloat16()
+    qkv[0, 3, 0] = float("nan")  # a NaN query attends to NaN; the other queries stay finite
+    out, _ = native.attention_forward(qkv, 1, 1, 0.2, False)
+    assert out[0, 3].isnan().all() and not out[0, [0, 1, 2, 4, 5, 6, 7]].isnan().any()
+
+
+@needs_onednn_bf16
+def test_pooling_stays_fp32_under_bf16_autocast() -> None:
+    """The depthwise pooling convolution runs in fp32 under bf16 autocast (its fp32 kernels are the
+    faster ones): the fp32 result and gradients exactly, and an fp32 output for the fp32 stream."""
+    torch.manual_seed(0)
+    pool = ConvPool(8, 16)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pool(x)
+    ref = pool.conv(x)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, [x, pool.conv.weight], grad)
+    refs = torch.autograd.grad(ref, [x, pool.conv.weight], grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, refs, strict=True))
+
+
 # ---- the operators, as tools see them -----------------------------------------------------------------
-def test_kernels_step_aside_for_autocast_and_compilers() -> None:
-    """fp32 eager work only: other dtypes, any autocast, compiled graphs and the switch take the plain
-    modules."""
+def test_kernels_step_aside_for_fp16_autocast_and_compilers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 autocast runs the kernels in bf16 where oneDNN has bf16 kernels, else the plain modules."""
     x = torch.randn(2, 3)
-    assert kernels.active(x) and not kernels.active(x.double()) and not kernels.active(x.bfloat16())
-    for dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", dtype=dtype):
-            assert not kernels.active(x)
+    assert kernels.active(x) and not kernels.active(x.double()) and kernels.precision() == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = onednn.ONEDNN_BF16
+        assert kernels.active(x) is bf16 and kernels.active(x.bfloat16()) is bf16
+        assert kernels.precision() == (torch.bfloat16 if bf16 else None)
+        monkeypatch.setattr(onednn, "ONEDNN_BF16", False)
+        assert not kernels.active(x) and kernels.precision() is None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not kernels.active(x) and kernels.precision() is None
     with kernels.disabled():
         assert not kernels.active(x)
     assert torch.compile(lambda t: t * kernels.active(t), fullgraph=True, backend="eager")(x).eq(0).all()
@@ -242,14 +407,27 @@ def test_modules_with_dropout_or_batchnorm_run_plain_where_the_kernels_cannot() 
         assert kernels.active(image, stem) and not kernels.active(image, stem.train())
 
 
-def test_summary_and_paths_describe_the_callers_context() -> None:
+def test_summary_and_paths_describe_the_callers_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the entry points run in bf16 where oneDNN has bf16 kernels, and the plain
+    modules in torch's autocast where it has none; the start line says which."""
     x = torch.empty(0)
-    assert kernels.summary(x).startswith("sret.kernels: on")
+    assert kernels.summary(x).startswith("sret.kernels: on, C kernels")
     ready = dict(((path.entry, path.runs), ready) for path, ready in kernels.paths())
     assert ready[kernels.ATTEND[0].entry, kernels.ATTEND[0].runs] is native.built()
+    assert not ready[kernels.LAYER_NORM[0].entry, kernels.LAYER_NORM[0].runs]
+    plain = f"sret.kernels: {kernels.GATE[2].runs} - {kernels.GATE[2].when}"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.summary(x) == f"sret.kernels: {kernels.GATE[2].runs} - {kernels.GATE[2].when}"
-        assert [ready for path, ready in kernels.paths() if path.entry == "active"][2]
+        bf16 = onednn.ONEDNN_BF16
+        if bf16:
+            assert kernels.summary(x).startswith("sret.kernels: on in bf16 under autocast")
+        else:
+            assert kernels.summary(x) == plain
+        gate = [ready for path, ready in kernels.paths() if path.entry == "active"]
+        assert gate[2] is not bf16 and gate[-2] is bf16
+        ready = dict(((path.entry, path.runs), ready) for path, ready in kernels.paths())
+        assert ready[kernels.LAYER_NORM[0].entry, kernels.LAYER_NORM[0].runs] is (bf16 and native.built())
+        monkeypatch.setattr(onednn, "ONEDNN_BF16", False)
+        assert kernels.summary(x) == plain
     assert kernels.summary(x, compiled=True).endswith(kernels.GATE[1].when)
     assert kernels.active(x)  # describing a compiled step left nothing behind
 
@@ -276,15 +454,33 @@ def test_operators_pass_torch_opcheck(op, args) -> None:
 @needs_native
 def test_attention_operators_pass_torch_opcheck() -> None:
     qkv = torch.randn(2, 4 * 49, 3 * 64)
-    for keep_lse in (True, False):
-        args = (qkv, 4, 2, 0.17, keep_lse)
+    for args in ((qkv, 4, 2, 0.17, True), (qkv.bfloat16(), 4, 2, 0.17, False)):
         torch.library.opcheck(
             torch.ops.sret.sliced_attention, args, test_utils=("test_schema", "test_faketensor")
         )
-    out, lse = torch.ops.sret.sliced_attention(qkv, 4, 2, 0.17, True)
-    args = (torch.randn_like(out), qkv, out, lse, 4, 2, 0.17)
+    for dtype in (torch.float32, torch.bfloat16):
+        out, lse = torch.ops.sret.sliced_attention(qkv.to(dtype), 4, 2, 0.17, True)
+        args = (torch.randn_like(out), qkv.to(dtype), out, lse, 4, 2, 0.17)
+        torch.library.opcheck(
+            torch.ops.sret.sliced_attention_backward, args, test_utils=("test_schema", "test_faketensor")
+        )
+
+
+@needs_native
+def test_norm_pass_operators_pass_torch_opcheck() -> None:
+    x = torch.randn(2, 5, 24)
+    for keep in (True, False):
+        args = (x, r(24), r(24), 1e-6, keep)
+        torch.library.opcheck(torch.ops.sret.layer_norm, args, test_utils=("test_schema", "test_faketensor"))
+    y, mean, rstd = torch.ops.sret.layer_norm(x, r(24), r(24), 1e-6, True)
+    for grad in (torch.randn_like(y), torch.randn(2, 24, 5).transpose(1, 2)):  # the kernel, torch
+        args = (grad, x, mean, rstd, r(24))
+        torch.library.opcheck(
+            torch.ops.sret.layer_norm_backward, args, test_utils=("test_schema", "test_faketensor")
+        )
+    args = (x, torch.randn_like(x).bfloat16(), r(1))
     torch.library.opcheck(
-        torch.ops.sret.sliced_attention_backward, args, test_utils=("test_schema", "test_faketensor")
+        torch.ops.sret.scaled_residual_bf16, args, test_utils=("test_schema", "test_faketensor")
     )
 
 
@@ -335,18 +531,19 @@ def test_torch_func_grad_through_the_kernels_equals_autograd() -> None:
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_bf16_autocast_runs_the_plain_modules() -> None:
-    """`--amp bf16` on a CPU is torch's autocast of the plain modules: with the kernels on, the same
-    output and gradients, bit for bit, as with them switched off."""
+def test_bf16_autocast_without_onednn_bf16_runs_the_plain_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2 only), bf16 autocast leaves every fast path to
+    the plain modules: autocast's own dtypes (fp32 LayerNorm, bf16 pooling) and torch's values."""
+    monkeypatch.setattr(onednn, "ONEDNN_BF16", False)
     torch.manual_seed(0)
-    model = SReT(tiny_cfg()).train()
-    x = torch.randn(2, 3, 32, 32)
+    norm, pool = sret.model.LayerNorm(48, eps=1e-6), ConvPool(8, 16)
+    x, image = torch.randn(2, 9, 48), torch.randn(2, 8, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels.active(x)
-        ours, ours_grads = outputs_and_grads(model, x, plain=False)
-        ref, ref_grads = outputs_and_grads(model, x, plain=True)
-    assert ours.dtype == torch.bfloat16 and torch.equal(ours, ref)
-    assert all(torch.equal(a, b) for a, b in zip(ours_grads, ref_grads, strict=True))
+        assert kernels.precision() is None and not kernels.active(x)
+        y, pooled = norm(x), pool(image)
+        ref_y, ref_pooled = F.layer_norm(x, (48,), norm.weight, norm.bias, 1e-6), pool.conv(image)
+    assert y.dtype == ref_y.dtype == torch.float32 and torch.equal(y, ref_y)
+    assert pooled.dtype == ref_pooled.dtype == torch.bfloat16 and torch.equal(pooled, ref_pooled)
 
 
 @pytest.mark.skipif(native.isa() != "AVX512", reason="checks the AVX2 build from an AVX-512 CPU")

@@ -1,4 +1,5 @@
-"""SReT's C kernels: the results and gradients of torch's attention and GELU, and a clean fallback."""
+"""SReT's C kernels: the results and gradients of torch's attention, GELU, (bf16) LayerNorm and
+residual, and a clean fallback."""
 
 from __future__ import annotations
 
@@ -147,6 +148,70 @@ def test_gelu_backward_matches_torch(shape: tuple[int, ...]) -> None:
     assert grad_h is buffer
     torch.testing.assert_close(hidden, F.gelu(h), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_h, torch.ops.aten.gelu_backward(grad, h), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 5, 232), (3, 7, 37)])
+def test_gelu_backward_in_bf16_rounds_the_fp32_result(shape: tuple[int, ...]) -> None:
+    """bf16 tensors (bf16 autocast's MLP backward): computed in fp32 from the widened values, rounded
+    to bf16 once (so within one bf16 rounding of torch's fp32 result on the same inputs)."""
+    torch.manual_seed(0)
+    h, grad = (torch.randn(shape) * 4).bfloat16(), torch.randn(shape).bfloat16()
+    assert native.gelu_backward_applies(h, grad)
+    assert not native.gelu_backward_applies(h, grad.float())  # mixed dtypes take torch's ops
+    hidden, grad_h = native.gelu_backward(h, grad.clone())
+    assert hidden.dtype == grad_h.dtype == torch.bfloat16
+    one_rounding = {"rtol": 2**-8, "atol": 1e-6}
+    torch.testing.assert_close(hidden.float(), F.gelu(h.float()), **one_rounding)
+    ref_grad = torch.ops.aten.gelu_backward(grad.float(), h.float())
+    torch.testing.assert_close(grad_h.float(), ref_grad, **one_rounding)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (1, 1, 256)])
+def test_layer_norm_matches_torch_fp32_layer_norm(shape: tuple[int, ...]) -> None:
+    """fp32 in, computed in fp32, rounded to bf16 once (within one bf16 rounding of torch's fp32
+    LayerNorm), with the row statistics torch's backward takes."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(shape) * 3 + 1, torch.randn(shape[-1]), torch.randn(shape[-1])
+    assert native.passes_apply(x) and not native.passes_apply(x.bfloat16())
+    y, mean, rstd = native.layer_norm(x, weight, bias, 1e-6, True)
+    ref, ref_mean, ref_rstd = torch.ops.aten.native_layer_norm(x, [shape[-1]], weight, bias, 1e-6)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rstd, ref_rstd, rtol=1e-5, atol=1e-6)
+    assert native.layer_norm(x, weight, bias, 1e-6, False)[1:] == (None, None)
+    x[0, 0, 0] = float("nan")  # a NaN spoils its own row only
+    y, _, _ = native.layer_norm(x, weight, bias, 1e-6, False)
+    assert y[0, 0].isnan().all() and not y.flatten(0, -2)[1:].isnan().any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (70, 256)])
+def test_layer_norm_backward_from_a_bf16_gradient_matches_torch(shape: tuple[int, ...]) -> None:
+    """From the bf16 gradient, the fp32 input and the kept statistics: torch's LayerNorm backward on the
+    widened gradient, to fp32 rounding (the column sums in double, torch's in float)."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(shape) * 3 + 1, torch.randn(shape[-1]), torch.randn(shape[-1])
+    _, mean, rstd = native.layer_norm(x, weight, bias, 1e-6, True)
+    grad = torch.randn(shape).bfloat16()
+    ours = native.layer_norm_backward_bf16(grad, x, mean, rstd, weight)
+    refs = torch.ops.aten.native_layer_norm_backward(
+        grad.float(), x, [shape[-1]], mean, rstd, weight, bias, [True, True, True]
+    )
+    for a, b in zip(ours, refs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 98, 64), (3, 7, 37), (5,)])
+def test_scaled_residual_of_a_bf16_branch_matches_addcmul(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x, branch = torch.randn(shape), torch.randn(shape).bfloat16()
+    assert native.passes_apply(x, branch) and not native.passes_apply(x, branch.float())
+    out = native.scaled_residual_bf16(x, branch, 0.7)
+    torch.testing.assert_close(out, torch.addcmul(branch, x, torch.tensor([0.7])), rtol=1e-6, atol=1e-6)
 
 
 def test_kernel_is_skipped_where_it_does_not_apply() -> None:

@@ -482,6 +482,17 @@ def residual(x: Tensor, branch: Tensor, skip: Tensor | None) -> Tensor:
     return skip * x + branch
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over channels, for the norms whose output goes straight into a product: under bf16
+    autocast the fast path writes the output in bf16, the dtype that product takes, in SReT's C kernel
+    (:func:`kernels.layer_norm`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.active(x, self):
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class FeedForward(nn.Module):
     """Linear -> GELU -> dropout -> Linear -> dropout."""
 
@@ -515,9 +526,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = SlicedAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.attn_skip, self.attn_gain = coefficient(coefficients), coefficient(coefficients)
@@ -533,7 +544,7 @@ class NonLinearProjection(nn.Module):
 
     def __init__(self, dim: int, ratio: float, coefficients: bool = True, drop: float = 0.0) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, int(dim * ratio), drop)
         self.skip, self.gain = coefficient(coefficients), coefficient(coefficients)
 
@@ -625,7 +636,7 @@ class ConvStem(nn.Module):
         return x
 
 
-@register_notrace_module  # an FX leaf: one node in traced graphs, named as the module (pools.N)
+@register_notrace_module  # an FX leaf: its kernel choice reads the input's dtype and mode
 class ConvPool(nn.Module):
     """Depthwise 3x3 stride-2 convolution between stages (PiT pooling without the class token)."""
 
@@ -634,6 +645,8 @@ class ConvPool(nn.Module):
         self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.active(x, self):
+            return kernels.depthwise_conv(x, self.conv)
         return self.conv(x)
 
 

@@ -11,6 +11,14 @@ What the entry points do differently:
   (:mod:`sret.kernels.onednn`);
 - SReT's own C kernels for attention within token groups and for the MLP's GELU backward
   (:mod:`sret.kernels.native`; x86 with AVX-512 or AVX2, else torch's kernels run);
+- under CPU autocast to bf16, where oneDNN has bf16 kernels, the same entry points in bf16
+  (:func:`precision`): products in oneDNN's bf16 kernels with GELU in their epilogue, gains folded
+  into the fp32 weights before they are cast, and attention in the C kernel, in fp32 on the bf16
+  values, which outruns torch's bf16 kernel at SReT's shapes;
+- under that bf16 autocast, LayerNorm in SReT's C kernel, written straight in bf16 from the fp32
+  residual stream and back-propagated from the bf16 gradient, a bf16 branch added to that stream in
+  one pass (:mod:`sret.kernels.native`), and the pooling's depthwise convolutions kept in fp32
+  (:func:`depthwise_conv`);
 - residual gains folded into the weights of the branch's last linear layer (weight-sized work instead
   of a pass over the activations), BatchNorm folded into the stem's convolutions in eval, hidden
   widths padded to a multiple of 8;
@@ -19,8 +27,9 @@ What the entry points do differently:
 
 Which of them runs, for which input and why, is one table in code (:data:`PATHS`, rows of
 :mod:`sret.kernels.table`): :func:`active` chooses by its first rows (:data:`GATE`) whether a module
-hands its work here at all (never under autocast: `--amp bf16` on a CPU runs torch's autocast of the
-plain modules), and each entry point with more than one way chooses by its own rows.
+hands its work here at all (under autocast only to bf16 where oneDNN has bf16 kernels; elsewhere
+`--amp bf16` on a CPU runs torch's autocast of the plain modules), and each entry point with more than
+one way chooses by its own rows.
 
 The kernels are registered operators (`torch.ops.sret.*`, :mod:`sret.kernels.ops`) with fake
 implementations and flop formulas, so FlopCounterMode, FakeTensorMode and `torch.func` transforms
@@ -39,7 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sret.kernels import native, onednn, ops
-from sret.kernels.autograd import MLP, Linear, ScaledResidual, SlicedAttention, TokenPermutation
+from sret.kernels.autograd import (
+    MLP,
+    LayerNorm,
+    Linear,
+    ScaledResidual,
+    SlicedAttention,
+    TokenPermutation,
+)
 from sret.kernels.table import Path, choose, first
 
 __all__ = [
@@ -47,11 +63,14 @@ __all__ = [
     "active",
     "attend",
     "conv_bn_relu",
+    "depthwise_conv",
     "disabled",
     "fold_batchnorm",
+    "layer_norm",
     "linear",
     "mlp",
     "paths",
+    "precision",
     "scaled_residual",
     "sliced_attention",
     "summary",
@@ -64,6 +83,21 @@ _graph = False  # set while paths() and summary() describe a compiled step
 
 def _in_graph() -> bool:
     return _graph or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def precision() -> torch.dtype | None:
+    """The dtype the fast paths compute their products in: fp32, or bf16 under CPU autocast to bf16
+    (the residual stream stays in fp32 there, as autocast keeps it) where oneDNN has bf16 kernels;
+    None under autocast to another dtype, or to bf16 on a CPU without them (one held to AVX2, where
+    the fast paths were slower than torch's own), which the plain modules serve."""
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and onednn.ONEDNN_BF16
+    return torch.bfloat16 if bf16 else None
+
+
+def _bf16() -> bool:
+    return precision() == torch.bfloat16
 
 
 def _dropout_in_training(x: Tensor, module: nn.Module | None) -> bool:
@@ -83,6 +117,11 @@ def _batchnorm_under_autograd(x: Tensor, module: nn.Module | None) -> bool:
 
 
 PLAIN = "the plain modules"
+BF16_AB = (
+    "all bf16 paths against none (`sret bench sret_t --batch 32 --amp bf16`, medians of 3 interleaved "
+    "rounds, AMD EPYC family 25 with avx512_bf16, 2026-12-07): bf16 inference step 358 vs 635 ms, "
+    "training 1412 vs 2224 ms"
+)
 GATE = (
     Path(
         "active",
@@ -101,16 +140,19 @@ GATE = (
     Path(
         "active",
         f"{PLAIN}, in torch's autocast",
-        "under CPU autocast (`--amp bf16` on a CPU)",
-        "the kernels are fp32 code",
-        ready=lambda: torch.is_autocast_enabled("cpu"),
+        "under CPU autocast, but not to bf16 where oneDNN has bf16 kernels (`--amp bf16` on a CPU held "
+        "to AVX2, or without AVX-512)",
+        "the kernels are fp32 code, and bf16 code for oneDNN's bf16 kernels; without those the fast "
+        "paths were slower than torch's own",
+        ready=lambda: precision() is None,
     ),
     Path(
         "active",
         PLAIN,
-        "work not in fp32 on the CPU (a GPU, another dtype)",
-        "the kernels are CPU fp32 code",
-        takes=lambda x, module: x.device.type != "cpu" or x.dtype != torch.float32,
+        "work not on the CPU in fp32, or in bf16 under bf16 autocast with oneDNN's bf16 kernels (a GPU, "
+        "another dtype)",
+        "the kernels are CPU fp32 and bf16 code",
+        takes=lambda x, module: x.device.type != "cpu" or x.dtype not in (torch.float32, precision()),
     ),
     Path(
         "active",
@@ -126,14 +168,31 @@ GATE = (
         "the stem's kernel folds BatchNorm's running statistics into its convolutions and has no backward",
         takes=_batchnorm_under_autograd,
     ),
+    Path(
+        "active",
+        "the entry points (below), in bf16: they cast a product's operands to bf16 as autocast would "
+        "(gains folded into the fp32 weights first; the residual stream stays fp32) for oneDNN's bf16 "
+        "kernels, GELU in the epilogue",
+        "under CPU autocast to bf16 where oneDNN has bf16 kernels (`onednn.ONEDNN_BF16`: AVX-512)",
+        BF16_AB,
+        ready=_bf16,
+    ),
     Path("active", "the entry points (below)", "otherwise", "the rows below say what each runs"),
 )
+ENTRY = GATE[-2:]  # the rows under which the entry points run
 
 
 def active(x: Tensor, module: nn.Module | None = None) -> bool:
     """Whether `module` (or, without one, a function of the model) hands its work on `x` to its entry
-    point here: the last row of :data:`GATE`."""
-    return first(GATE, x, module) is GATE[-1]
+    point here: one of the last two rows of :data:`GATE`."""
+    return first(GATE, x, module) in ENTRY
+
+
+def lowered(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors in :func:`precision`'s dtype (a differentiable cast, so gradients reach the fp32
+    parameters in fp32): what autocast does to a product's operands, done before the kernels see them."""
+    dtype = precision()
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 @contextmanager
@@ -160,6 +219,7 @@ def gained(weight: Tensor, bias: Tensor, gain: Tensor | None) -> tuple[Tensor, T
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.linear(x, weight, bias)`."""
+    x, weight, bias = lowered(x, weight, bias)
     if _autograd(x, weight, bias):
         return Linear.apply(x, weight, bias)
     return sret_ops.linear(x, weight, bias)
@@ -168,16 +228,56 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gain: Tensor | None = None) -> Tensor:
     """`gain * F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)` (exact, erf GELU)."""
     w2, b2 = gained(w2, b2, gain)
+    x, w1, b1, w2, b2 = lowered(x, w1, b1, w2, b2)
     if _autograd(x, w1, b1, w2, b2):
         return MLP.apply(x, w1, b1, w2, b2)[0]
     return sret_ops.mlp(x, w1, b1, w2, b2, False)[0]
 
 
 def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-    """`skip * x + branch` in one pass."""
+    """`skip * x + branch` in one pass (:data:`sret.kernels.ops.RESIDUAL`)."""
     if _autograd(x, branch, skip):
         return ScaledResidual.apply(x, branch, skip)
-    return torch.addcmul(branch, x, skip)
+    return ops.scaled_residual(x, branch, skip)
+
+
+def _layer_norm_native(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    if _autograd(x, weight, bias):
+        return LayerNorm.apply(x, weight, bias, eps)[0]
+    return sret_ops.layer_norm(x, weight, bias, eps, False)[0]
+
+
+def _layer_norm_native_takes(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> bool:
+    params = (weight, bias)
+    return native.passes_apply(x) and all(p is not None and p.dtype == torch.float32 for p in params)
+
+
+LAYER_NORM = (
+    Path(
+        "layer_norm",
+        "SReT's C kernel (`csrc/norm.c`): fp32 in, bf16 out in one pass (torch: LayerNorm, then the next "
+        "product's cast); back-propagated from the bf16 gradient",
+        "under bf16 autocast with oneDNN's bf16 kernels; contiguous fp32 x, fp32 weight and bias; the C "
+        "kernels built",
+        f"part of the bf16 paths ({BF16_AB})",
+        _layer_norm_native,
+        takes=_layer_norm_native_takes,
+        ready=lambda: _bf16() and native.built(),
+    ),
+    Path(
+        "layer_norm",
+        "`F.layer_norm`",
+        "otherwise",
+        "torch's",
+        lambda x, weight, bias, eps: F.layer_norm(x, x.shape[-1:], weight, bias, eps),
+    ),
+)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """`F.layer_norm` over the last dim; under bf16 autocast written in bf16, the dtype the product that
+    follows takes it in (:data:`LAYER_NORM`)."""
+    return choose(LAYER_NORM, x, weight, bias, eps)
 
 
 TAKE_TOKENS = (
@@ -224,7 +324,8 @@ ATTEND = (
         "attend",
         "SReT's C kernel (`csrc/sliced_attention.c`), built for AVX-512 or AVX2",
         f"groups without padding, of at most {native.MAX_TOKENS} tokens, heads at most "
-        f"{native.MAX_HEAD_DIM} wide, contiguous fp32 qkv; the C kernels built (x86 with AVX2, a C "
+        f"{native.MAX_HEAD_DIM} wide, contiguous fp32 qkv (bf16 under bf16 autocast with oneDNN's bf16 "
+        "kernels, attended in fp32, read and written in bf16); the C kernels built (x86 with AVX2, a C "
         "compiler, `SRET_NATIVE` not 0)",
         "0.46-0.64x the time of torch's path at sret_t's shapes; sret_t's training step 1814 -> 1609 ms",
         _attend_native,
@@ -245,7 +346,7 @@ def attend(qkv: Tensor, groups: int, heads: int, scale: float, key_mask: Tensor 
     """Multi-head attention within `groups` contiguous token groups of a qkv projection's output.
 
     qkv: (B, groups * n, 3 * C); key_mask: None, or (groups, 1, n), True where a key may be attended.
-    Returns (B, groups * n, C), by the first of :data:`ATTEND` that takes it."""
+    Returns (B, groups * n, C), in the dtype of `qkv`, by the first of :data:`ATTEND` that takes it."""
     return choose(ATTEND, qkv, groups, heads, scale, key_mask)
 
 
@@ -273,6 +374,30 @@ def sliced_attention(
     return linear(x, *gained(proj.weight, proj.bias, gain))
 
 
+def _conv_fp32(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return conv(x.float())
+
+
+DEPTHWISE_CONV = (
+    Path(
+        "depthwise_conv",
+        "the convolution in fp32, autocast off",
+        "under bf16 autocast with oneDNN's bf16 kernels",
+        "a negligible share of the MACs, and oneDNN's bf16 depthwise kernels took 2-3x the time of its "
+        f"fp32 ones, forward and backward (benchmarks/README.md); part of the bf16 paths ({BF16_AB})",
+        _conv_fp32,
+        ready=_bf16,
+    ),
+    Path("depthwise_conv", "`conv(x)`", "otherwise", "torch's", lambda x, conv: conv(x)),
+)
+
+
+def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """`conv(x)` for a depthwise convolution (the pooling between stages), by :data:`DEPTHWISE_CONV`."""
+    return choose(DEPTHWISE_CONV, x, conv)
+
+
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Weight and bias of `bn(conv(x))` as one convolution, using the running statistics."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
@@ -287,7 +412,8 @@ def conv_bn_relu(x: Tensor, layers: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]) 
     if any(conv.stride != (stride, stride) or conv.padding != (padding, padding) for conv, _ in layers):
         raise ValueError("conv_bn_relu's layers must share one square stride and padding")
     weights, biases = zip(*(fold_batchnorm(conv, bn) for conv, bn in layers), strict=True)
-    return sret_ops.conv_bn_relu(x, list(weights), list(biases), stride, padding)
+    x, *weights = lowered(x, *weights)
+    return sret_ops.conv_bn_relu(x, list(weights), list(lowered(*biases)), stride, padding)
 
 
 # Every choice, each a tuple of rows tried in order; the gate first.
@@ -295,6 +421,10 @@ CHOICES = (
     GATE,
     ATTEND,
     TAKE_TOKENS,
+    LAYER_NORM,
+    ops.RESIDUAL,
+    ops.LAYER_NORM_BACKWARD,
+    DEPTHWISE_CONV,
     onednn.LINEAR,
     onednn.WEIGHT_GRAD,
     onednn.GELU_BACKWARD,
@@ -328,11 +458,12 @@ def summary(x: Tensor, compiled: bool = False) -> str:
     with _described(compiled):
         gate = first(GATE, x, None)
         ready = {rows[0].entry: rows[0].ready() for rows in CHOICES[1:]}
-    if gate is not GATE[-1]:
+    if gate not in ENTRY:
         return f"sret.kernels: {gate.runs} - {gate.when}"
     build = f"built for {native.isa()}" if native.built() else "not built"
     fast = ", ".join(entry for entry, r in ready.items() if r)
     rest = ", ".join(entry for entry, r in ready.items() if not r)
-    return f"sret.kernels: on, C kernels {build}; first paths ready for {fast}" + (
+    bf16 = " in bf16 under autocast (oneDNN's bf16 kernels)" if gate is GATE[-2] else ""
+    return f"sret.kernels: on{bf16}, C kernels {build}; first paths ready for {fast}" + (
         f"; torch's for {rest}" if rest else ""
     )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sret.kernels import ops  # noqa: F401  (ops defines torch.ops.sret)
+from sret.kernels import ops
 
 sret_ops = torch.ops.sret
 
@@ -96,7 +96,7 @@ class ScaledResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
-        return torch.addcmul(branch, x, skip)
+        return ops.scaled_residual(x, branch, skip)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -108,7 +108,9 @@ class ScaledResidual(torch.autograd.Function):
         x, skip = ctx.saved_tensors
         need_x, _, need_skip = ctx.needs_input_grad
         with torch.no_grad():
-            grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1)).view(1) if need_skip else None
+            grad_skip = None
+            if need_skip:  # x may be bf16 under autocast where the (promoted) output is fp32
+                grad_skip = torch.dot(grad.reshape(-1), x.reshape(-1).to(grad.dtype)).view(1)
             return grad * skip if need_x else None, grad, grad_skip
 
 
@@ -130,3 +132,27 @@ class TokenPermutation(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         with torch.no_grad():
             return grad.index_select(1, inverse), None, None
+
+
+class LayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dim in SReT's C kernel (:func:`sret.kernels.ops.layer_norm`), written in
+    bf16; its backward (:func:`sret.kernels.ops.layer_norm_backward`) starts from the row
+    statistics the forward kept and the gradient as the next product gives it."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, ...]:
+        return sret_ops.layer_norm(x, weight, bias, eps, True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        with torch.no_grad():
+            grads = sret_ops.layer_norm_backward(grad.contiguous(), x, mean, rstd, weight)
+        return (*_none_if_unneeded(grads, ctx.needs_input_grad[:3]), None)

@@ -36,6 +36,9 @@ def _has_onednn_ops() -> bool:
 
 
 ONEDNN_OPS = _has_onednn_ops()
+# oneDNN's bf16 kernels need AVX-512 (bf16 dot products or AMX tiles where the CPU has them); on older
+# CPUs bf16 products take torch's path.
+ONEDNN_BF16 = ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 # Smallest product (multiply-accumulates) given to oneDNN: a oneDNN call costs more fixed time than
 # torch's default, which outweighs its faster kernel below a few million MACs (sret_nano's layers
@@ -55,9 +58,10 @@ def enabled() -> bool:
 
 
 def applies(x: Tensor, macs: int) -> bool:
-    """Whether oneDNN takes a product of `macs` multiply-accumulates on `x`: fp32 on the CPU, and large
-    enough to repay the call."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and macs >= ONEDNN_MIN_MACS
+    """Whether oneDNN takes a product of `macs` multiply-accumulates on `x`: fp32 on the CPU (or bf16
+    where oneDNN has bf16 kernels), and large enough to repay the call."""
+    dtype_ok = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16)
+    return x.device.type == "cpu" and dtype_ok and macs >= ONEDNN_MIN_MACS
 
 
 # ---- linear: x @ weight.T + bias, then GELU if asked ----------------------------------------------
@@ -72,7 +76,10 @@ def _torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) ->
     return F.gelu(out) if gelu else out
 
 
-ONEDNN = "fp32 on the CPU, at least 2^23 multiply-accumulates; oneDNN's fused ops in this torch, switched on"
+ONEDNN = (
+    "fp32 (bf16 under bf16 autocast with oneDNN's bf16 kernels) on the CPU, at least 2^23 "
+    "multiply-accumulates; oneDNN's fused ops in this torch, switched on"
+)
 LINEAR = (
     Path(
         "onednn.linear",
@@ -152,8 +159,10 @@ GELU_BACKWARD = (
     Path(
         "onednn.gelu_backward",
         "one pass of SReT's C kernel (`csrc/gelu.c`)",
-        "contiguous fp32 tensors of one shape; the C kernels built",
-        "sret_t's training step 1697 -> 1609 ms (measured when the kernel also summed fc1's bias gradient)",
+        "contiguous tensors of one shape, both fp32 or both bf16 (under bf16 autocast with oneDNN's bf16 "
+        "kernels, computed in fp32); the C kernels built",
+        "sret_t's training step 1697 -> 1609 ms (measured when the kernel also summed fc1's bias gradient); "
+        "in bf16, part of the bf16 paths (the `active` row under bf16 autocast)",
         native.gelu_backward,
         takes=native.gelu_backward_applies,
         ready=native.built,

@@ -4,7 +4,8 @@ Each operator has a CPU implementation, a fake one (shapes only, for FakeTensorM
 tracing compilers) and a flop formula (for `torch.utils.flop_counter.FlopCounterMode`), so tools that
 work on operators see these as ops of their own, with their real cost. Their gradients are the
 `*_backward` operators, wired up in :mod:`sret.kernels.autograd`. The operators run on the CPU, in
-fp32; :func:`sret.kernels.active` decides when the model calls them.
+fp32, or in bf16 where their inputs are bf16; :func:`sret.kernels.active` decides when the model
+calls them.
 
 A hidden width that is not a multiple of 8 runs padded with zero units inside :func:`mlp` (CPU GEMM
 kernels are several times slower on such widths, benchmarks/README.md): the padding outputs GELU(0) = 0
@@ -34,6 +35,11 @@ for _schema in (
     "sliced_attention_backward(Tensor grad, Tensor qkv, Tensor out, Tensor lse, int groups, int heads,"
     " float scale) -> Tensor",
     "conv_bn_relu(Tensor x, Tensor[] weights, Tensor[] biases, int stride, int padding) -> Tensor",
+    "layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, bool keep_stats)"
+    " -> (Tensor, Tensor, Tensor)",
+    "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight)"
+    " -> (Tensor, Tensor, Tensor)",
+    "scaled_residual_bf16(Tensor x, Tensor branch, Tensor skip) -> Tensor",
 ):
     _name, _, _signature = _schema.partition("(")
     torch.library.define(f"sret::{_name}", f"({_signature}")
@@ -274,3 +280,106 @@ def _conv_bn_relu_flops(x_shape, w_shapes, b_shapes, stride, padding, **kwargs) 
         width = _conv_out(width, w_shape[-1], stride, padding)
         flops += 2 * x_shape[0] * height * width * math.prod(w_shape)
     return flops
+
+
+# ---- LayerNorm (into bf16 under autocast), and the residual of a bf16 branch -------------------------
+@torch.library.impl("sret::layer_norm", "CPU")
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, keep_stats: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dim of fp32 `x`, written in bf16, in SReT's C kernel (check
+    `native.passes_apply` first); then each row's mean and reciprocal standard deviation, or empty."""
+    y, mean, rstd = native.layer_norm(x, weight, bias, eps, keep_stats)
+    return y, mean if keep_stats else _empty(x), rstd if keep_stats else _empty(x)
+
+
+@torch.library.register_fake("sret::layer_norm")
+def _layer_norm_fake(x, weight, bias, eps, keep_stats) -> tuple[Tensor, Tensor, Tensor]:
+    stats = x.new_empty(*x.shape[:-1], 1) if keep_stats else _empty(x)
+    y = torch.empty_like(x, dtype=torch.bfloat16)
+    return y, stats, torch.empty_like(stats)
+
+
+def _torch_layer_norm_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    bias = weight.new_zeros(weight.shape)  # the bias enters no gradient
+    grads = torch.ops.aten.native_layer_norm_backward(
+        grad.float(), x, [x.shape[-1]], mean, rstd, weight, bias, [True, True, True]
+    )
+    return grads[0], grads[1], grads[2]
+
+
+def _bf16_gradient(grad: Tensor, x: Tensor, *_: Tensor) -> bool:
+    return grad.dtype == torch.bfloat16 and grad.is_contiguous() and grad.shape == x.shape
+
+
+LAYER_NORM_BACKWARD = (
+    Path(
+        "ops.layer_norm_backward",
+        "SReT's C kernel (`csrc/norm.c`), from the bf16 gradient without widening it",
+        "a contiguous bf16 gradient of x's shape (as the product after a bf16 LayerNorm gives it); the C "
+        "kernels built",
+        "part of the bf16 paths (the `active` row under bf16 autocast)",
+        native.layer_norm_backward_bf16,
+        takes=_bf16_gradient,
+        ready=native.built,
+    ),
+    Path(
+        "ops.layer_norm_backward",
+        "`aten.native_layer_norm_backward` on the widened gradient",
+        "otherwise",
+        "torch's",
+        _torch_layer_norm_backward,
+    ),
+)
+
+
+@torch.library.impl("sret::layer_norm_backward", "CPU")
+def layer_norm_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`layer_norm` for x, weight and bias, by :data:`LAYER_NORM_BACKWARD`."""
+    return choose(LAYER_NORM_BACKWARD, grad, x, mean, rstd, weight)
+
+
+@torch.library.register_fake("sret::layer_norm_backward")
+def _layer_norm_backward_fake(grad, x, mean, rstd, weight) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.impl("sret::scaled_residual_bf16", "CPU")
+def scaled_residual_bf16(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
+    """`skip * x + branch` of fp32 `x` and a bf16 `branch`, in fp32, in one pass of SReT's C kernel."""
+    return native.scaled_residual_bf16(x, branch, float(skip))
+
+
+@torch.library.register_fake("sret::scaled_residual_bf16")
+def _scaled_residual_bf16_fake(x, branch, skip) -> Tensor:
+    return torch.empty_like(x)
+
+
+RESIDUAL = (
+    Path(
+        "ops.scaled_residual",
+        "one pass of SReT's C kernel (`csrc/norm.c`) in fp32, not a promotion and an `addcmul`",
+        "a bf16 branch (under bf16 autocast) of the fp32 stream's shape, both contiguous; the C kernels "
+        "built",
+        "part of the bf16 paths (the `active` row under bf16 autocast)",
+        lambda x, branch, skip: torch.ops.sret.scaled_residual_bf16(x, branch, skip),
+        takes=lambda x, branch, skip: native.passes_apply(x, branch),
+        ready=native.built,
+    ),
+    Path(
+        "ops.scaled_residual",
+        "`torch.addcmul`",
+        "otherwise",
+        "torch's",
+        lambda x, branch, skip: torch.addcmul(branch, x, skip),
+    ),
+)
+
+
+def scaled_residual(x: Tensor, branch: Tensor, skip: Tensor) -> Tensor:
+    """`skip * x + branch` in one pass, by :data:`RESIDUAL`."""
+    return choose(RESIDUAL, x, branch, skip)

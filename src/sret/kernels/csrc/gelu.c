@@ -10,10 +10,26 @@
  *
  * erf follows Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as torch's vectorised CPU
  * erf does.
+ *
+ * Under bf16 autocast h, the gradient and gelu(h) are bf16: each value is widened, computed in fp32
+ * and rounded back (round to nearest even).
  */
 #include <omp.h>
 
 #include "vector_math.h"
+
+/* Element `at` onwards of an fp32 or (bf16 set) bf16 array, `valid` lanes. */
+static inline __attribute__((always_inline)) vec load(const void *p, long at, vmask valid, int bf16) {
+    return bf16 ? v_load_bf16((const unsigned short *)p + at, valid) : v_loadz(valid, (const float *)p + at);
+}
+
+/* Stores v there (rounded to bf16 where the array is bf16). */
+static inline __attribute__((always_inline)) void store(void *p, long at, vmask valid, vec v, int bf16) {
+    if (bf16)
+        v_store_bf16((unsigned short *)p + at, valid, v);
+    else
+        v_storem((float *)p + at, valid, v);
+}
 
 /* grad * gelu'(x); also gelu(x) into *hidden. */
 static inline __attribute__((always_inline)) vec gelu_backward_ps(vec x, vec grad, vec *hidden) {
@@ -40,19 +56,38 @@ static inline __attribute__((always_inline)) vec gelu_backward_ps(vec x, vec gra
     return v_mul(grad, v_fmadd(x, pdf, cdf));
 }
 
-/* x (h), grad, hidden: n floats each, contiguous; gelu(x) into hidden, the gradient over grad, the
- * elements split over `threads` threads in whole vectors. */
-void sret_gelu_backward(const float *x, float *grad, float *hidden, long n, int threads) {
+/* n elements of x (h) and grad, contiguous, fp32 or (bf16 set) bf16: gelu(x) into hidden, the gradient
+ * over grad. Inlined with bf16 a constant, so each storage gets its own loop. */
+static inline __attribute__((always_inline)) void gelu_backward_range(const void *x, void *grad, void *hidden,
+                                                                      long first, long end, int bf16) {
+    for (long i = first; i < end; i += VL) {
+        vmask valid = v_first(end - i < VL ? (int)(end - i) : VL);
+        vec gelu, g = gelu_backward_ps(load(x, i, valid, bf16), load(grad, i, valid, bf16), &gelu);
+        store(hidden, i, valid, gelu, bf16);
+        store(grad, i, valid, g, bf16);
+    }
+}
+
+/* Splits the n elements over `threads` threads, each part a whole number of vectors. 0 on success. */
+static int gelu_backward(const void *x, void *grad, void *hidden, long n, int threads, int bf16) {
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), count = omp_get_num_threads();
         long first = n * t / count / VL * VL, end = t == count - 1 ? n : n * (t + 1) / count / VL * VL;
-        for (long i = first; i < end; i += VL) {
-            vmask valid = v_first(end - i < VL ? (int)(end - i) : VL);
-            vec gelu, g = gelu_backward_ps(v_loadz(valid, x + i), v_loadz(valid, grad + i), &gelu);
-            v_storem(hidden + i, valid, gelu);
-            v_storem(grad + i, valid, g);
-        }
+        if (bf16)
+            gelu_backward_range(x, grad, hidden, first, end, 1);
+        else
+            gelu_backward_range(x, grad, hidden, first, end, 0);
     }
+    return 0;
+}
+
+int sret_gelu_backward(const float *x, float *grad, float *hidden, long n, int threads) {
+    return gelu_backward(x, grad, hidden, n, threads, 0);
+}
+
+int sret_gelu_backward_bf16(const unsigned short *x, unsigned short *grad, unsigned short *hidden, long n,
+                            int threads) {
+    return gelu_backward(x, grad, hidden, n, threads, 1);
 }

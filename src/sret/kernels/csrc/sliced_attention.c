@@ -14,6 +14,11 @@
  * scale * log2(e)), so the softmax takes 2^x. lse holds, per (group, head) pair, each query's
  * base-2 log-sum-exp of those scores, which the backward uses to recompute the probabilities instead
  * of storing them. Head widths up to 48 (three AVX-512 vectors, six AVX2 ones).
+ *
+ * Both directions also read and write bf16 tensors (under autocast): each (group, head) pair is
+ * widened into an fp32 scratch block, attended (or differentiated) in fp32 as above and rounded back,
+ * so the products and the softmax are fp32 whatever the storage, and the result is the fp32 kernel's
+ * on the widened values, rounded once.
  */
 #include <math.h>
 #include <omp.h>
@@ -191,44 +196,96 @@ typedef struct {
     float *result, *lse_out;
     int groups, heads, n, depth, first, end, failed;
     float scale;
+    const unsigned short *qkv16, *out16, *dout16; /* bf16: these and result16 instead of the fp32 ones */
+    unsigned short *result16;
 } Work;
 
-/* The pairs [first, end): straight from qkv into result. */
+/* rows x (parts * depth) floats from `parts` bf16 blocks of `depth` per row (blocks `part_ld` apart,
+ * rows `ld` apart), and back. */
+static void widen_rows(const unsigned short *x, long ld, long part_ld, int parts, int rows, int depth,
+                       float *out) {
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < parts; t++)
+            for (int d = 0; d < depth; d += VL) {
+                vmask lanes = v_first(depth - d);
+                vec v = v_load_bf16(x + r * ld + t * part_ld + d, lanes);
+                v_storem(out + ((long)r * parts + t) * depth + d, lanes, v);
+            }
+}
+
+static void narrow_rows(const float *x, int rows, int parts, int depth, unsigned short *out, long ld,
+                        long part_ld) {
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < parts; t++)
+            for (int d = 0; d < depth; d += VL) {
+                vmask lanes = v_first(depth - d);
+                vec v = v_loadz(lanes, x + ((long)r * parts + t) * depth + d);
+                v_store_bf16(out + r * ld + t * part_ld + d, lanes, v);
+            }
+}
+
+/* The pairs [first, end): straight from qkv into result, or (bf16) each pair widened into scratch,
+ * attended there and rounded into result16. */
 static void forward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
-    long c = (long)w->heads * w->depth, ld = 3 * c;
-    float *kt = aligned_alloc(64, sizeof(float) * (size_t)(sh.depth + ROWS) * sh.width); /* keys, scores */
+    long c = (long)w->heads * w->depth, ld = 3 * c, dd = sh.depth;
+    long packed = (long)(sh.depth + ROWS) * sh.width; /* packed keys and a block of scores */
+    int bf16 = w->qkv16 != 0;
+    float *kt = aligned_alloc(64, sizeof(float) * (size_t)(packed + (bf16 ? 4L * sh.n * dd : 0)));
     if (!kt) {
         w->failed = 1;
         return;
     }
+    float *pair_qkv = kt + packed, *pair_out = pair_qkv + 3L * sh.n * dd; /* bf16 only */
     for (int pair = w->first; pair < w->end; pair++) {
         long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
-        const float *base = w->qkv + row * ld + col;
-        forward_pair(sh, base, base + c, base + 2 * c, ld, w->result + row * c + col, c,
+        const float *base;
+        float *out;
+        long part, ldq, ldo;
+        if (bf16) {
+            widen_rows(w->qkv16 + row * ld + col, ld, c, 3, sh.n, sh.depth, pair_qkv);
+            base = pair_qkv, part = dd, ldq = 3 * dd, out = pair_out, ldo = dd;
+        } else {
+            base = w->qkv + row * ld + col, part = c, ldq = ld, out = w->result + row * c + col, ldo = c;
+        }
+        forward_pair(sh, base, base + part, base + 2 * part, ldq, out, ldo,
                      w->lse_out ? w->lse_out + (long)pair * w->n : 0, w->scale, kt,
                      kt + (long)sh.depth * sh.width);
+        if (bf16) narrow_rows(pair_out, sh.n, 1, sh.depth, w->result16 + row * c + col, c, 0);
     }
     free(kt);
 }
 
-/* As forward_range: the qkv gradient of the pairs [first, end). */
+/* As forward_range: the qkv gradient of the pairs [first, end), straight or through fp32 scratch. */
 static void backward_range(Work *w) {
     Shape sh = shape_of(w->n, w->depth);
-    long c = (long)w->heads * w->depth, ld = 3 * c;
-    long floats = 2L * (sh.depth + sh.n) * sh.width + sh.width; /* backward_pair's scratch */
-    float *scratch = aligned_alloc(64, sizeof(float) * (size_t)floats);
+    long c = (long)w->heads * w->depth, ld = 3 * c, dd = sh.depth;
+    long kernel = 2L * (sh.depth + sh.n) * sh.width + sh.width; /* backward_pair's scratch */
+    int bf16 = w->qkv16 != 0;
+    float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(kernel + (bf16 ? 8L * sh.n * dd : 0)));
     if (!scratch) {
         w->failed = 1;
         return;
     }
+    float *pair_qkv = scratch + kernel, *pair_out = pair_qkv + 3L * sh.n * dd; /* bf16 only */
+    float *pair_dout = pair_out + sh.n * dd, *pair_grad = pair_dout + sh.n * dd;
     for (int pair = w->first; pair < w->end; pair++) {
         long row = (long)(pair / w->heads) * w->n, col = (long)(pair % w->heads) * w->depth;
-        const float *base = w->qkv + row * ld + col;
-        float *grad = w->result + row * ld + col;
-        const float *out = w->out + row * c + col, *dout = w->dout + row * c + col;
-        backward_pair(sh, base, base + c, base + 2 * c, ld, out, dout, c, w->lse_in + (long)pair * w->n, grad,
-                      grad + c, grad + 2 * c, w->scale, scratch);
+        const float *base, *out, *dout;
+        float *grad;
+        long part, ldq, ldo;
+        if (bf16) {
+            widen_rows(w->qkv16 + row * ld + col, ld, c, 3, sh.n, sh.depth, pair_qkv);
+            widen_rows(w->out16 + row * c + col, c, 0, 1, sh.n, sh.depth, pair_out);
+            widen_rows(w->dout16 + row * c + col, c, 0, 1, sh.n, sh.depth, pair_dout);
+            base = pair_qkv, out = pair_out, dout = pair_dout, grad = pair_grad, part = dd, ldq = 3 * dd, ldo = dd;
+        } else {
+            base = w->qkv + row * ld + col, out = w->out + row * c + col, dout = w->dout + row * c + col;
+            grad = w->result + row * ld + col, part = c, ldq = ld, ldo = c;
+        }
+        backward_pair(sh, base, base + part, base + 2 * part, ldq, out, dout, ldo, w->lse_in + (long)pair * w->n,
+                      grad, grad + part, grad + 2 * part, w->scale, scratch);
+        if (bf16) narrow_rows(pair_grad, sh.n, 3, sh.depth, w->result16 + row * ld + col, ld, c);
     }
     free(scratch);
 }
@@ -254,12 +311,25 @@ static int run(void (*body)(Work *), Work base, int threads) {
 
 int sret_attention_forward(const float *qkv, float *out, float *lse, int groups, int heads, int n, int depth,
                            float scale, int threads) {
-    Work w = {qkv, 0, 0, 0, out, lse, groups, heads, n, depth, 0, 0, 0, scale};
+    Work w = {qkv, 0, 0, 0, out, lse, groups, heads, n, depth, 0, 0, 0, scale, 0, 0, 0, 0};
+    return run(forward_range, w, threads);
+}
+
+int sret_attention_forward_bf16(const unsigned short *qkv, unsigned short *out, float *lse, int groups,
+                                int heads, int n, int depth, float scale, int threads) {
+    Work w = {0, 0, 0, 0, 0, lse, groups, heads, n, depth, 0, 0, 0, scale, qkv, 0, 0, out};
     return run(forward_range, w, threads);
 }
 
 int sret_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse,
                             float *dqkv, int groups, int heads, int n, int depth, float scale, int threads) {
-    Work w = {qkv, out, dout, lse, dqkv, 0, groups, heads, n, depth, 0, 0, 0, scale};
+    Work w = {qkv, out, dout, lse, dqkv, 0, groups, heads, n, depth, 0, 0, 0, scale, 0, 0, 0, 0};
+    return run(backward_range, w, threads);
+}
+
+int sret_attention_backward_bf16(const unsigned short *qkv, const unsigned short *out, const unsigned short *dout,
+                                 const float *lse, unsigned short *dqkv, int groups, int heads, int n, int depth,
+                                 float scale, int threads) {
+    Work w = {0, 0, 0, lse, 0, 0, groups, heads, n, depth, 0, 0, 0, scale, qkv, out, dout, dqkv};
     return run(backward_range, w, threads);
 }

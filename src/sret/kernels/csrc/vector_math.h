@@ -45,6 +45,22 @@ static inline vec v_or_sign(vec v, vec sign) {
 /* p * 2^k for integral k: scalef is exact, and underflows to 0 below the float range */
 static inline vec v_scale2(vec p, vec k) { return _mm512_scalef_ps(p, k); }
 
+/* bf16 <-> fp32. A bf16 is the high half of an fp32, so widening is exact; narrowing rounds to nearest
+ * even and keeps NaNs NaN, as torch's conversion does. */
+static inline vec v_load_bf16(const unsigned short *x, vmask m) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline void v_store_bf16(unsigned short *x, vmask m, vec v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+    _mm256_mask_storeu_epi16(x, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
 #else /* AVX2 and FMA */
 
 #define VL 8
@@ -100,6 +116,39 @@ static inline vec v_scale2(vec p, vec k) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(clamped), _mm256_set1_epi32(127)), 23);
     __m256 scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return _mm256_blendv_ps(scaled, k, _mm256_cmp_ps(k, k, _CMP_UNORD_Q));
+}
+
+/* The lanes a prefix mask holds. */
+static inline int v_count(vmask m) { return __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
+
+static inline vec v_load_bf16(const unsigned short *x, vmask m) {
+    int n = v_count(m);
+    unsigned short tail[VL] = {0};
+    if (n < VL) {
+        for (int i = 0; i < n; i++) tail[i] = x[i];
+        x = tail;
+    }
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static inline void v_store_bf16(unsigned short *x, vmask m, vec v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet),
+                                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    __m256i high = _mm256_srli_epi32(rounded, 16); /* 8 values < 2^16: pack them to 16 bits in order */
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+    int n = v_count(m);
+    if (n == VL) {
+        _mm_storeu_si128((__m128i *)x, packed);
+        return;
+    }
+    unsigned short tail[VL];
+    _mm_storeu_si128((__m128i *)tail, packed);
+    for (int i = 0; i < n; i++) x[i] = tail[i];
 }
 
 #endif
