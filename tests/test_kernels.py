@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -548,11 +549,13 @@ def test_bf16_autocast_without_onednn_bf16_runs_the_plain_modules(monkeypatch: p
 
 @pytest.mark.skipif(native.isa() != "AVX512", reason="checks the AVX2 build from an AVX-512 CPU")
 def test_kernel_tests_pass_held_to_avx2() -> None:
-    """This file's tests in a process where torch runs at AVX2 (`ATEN_CPU_CAPABILITY=avx2`), as on an
-    AVX2-only CPU: the kernels built for AVX2 and every selection that follows the capability."""
+    """This file's and test_native.py's tests in one process where torch runs at AVX2
+    (`ATEN_CPU_CAPABILITY=avx2`), as on an AVX2-only CPU: the C kernels built for AVX2 (8-float
+    vectors, masks as vectors) and every selection that follows the capability."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    files = [__file__, str(Path(__file__).with_name("test_native.py"))]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not held_to_avx2"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "not held_to_avx2"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
