@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import select
 import signal
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from sret.ablate import GRIDS, TIME_FIELDS, Layout, check_same_grid, load_grid, run_grid
+from sret.ablate import GRIDS, RUN_FIELDS, Layout, check_same_grid, full_time, load_grid, run_grid
 from sret.checkpoint import create_model
 from sret.io import UserError
 from sret.train import FAULT_EXIT_AFTER_CHECKPOINT
@@ -34,7 +35,7 @@ def write_grid(tmp_path: Path, variants: dict, **extra) -> Path:
 
 def stable(rows: list[dict]) -> list[dict]:
     """A summary's rows without the timings, which differ between identical runs."""
-    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
+    return [{k: v for k, v in row.items() if k not in RUN_FIELDS} for row in rows]
 
 
 def test_stage_fields_apply_to_every_stage_or_one_per_stage() -> None:
@@ -203,8 +204,20 @@ def test_a_killed_cell_resumes_on_rerun_and_gives_the_uninterrupted_table(
     launches = [line for line in log if line.startswith("$ ")]
     assert len(launches) == 2 and "--resume" in launches[1]  # the failed cell resumed, not restarted
     assert stable(rerun) == stable(straight)
+    assert rerun[0]["resumed"] and not straight[0]["resumed"]
+    assert "(resumed: this run's part)" in lines[-1]
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "killed"))
     assert stable(two["variants"]) == stable(one["variants"])
+    # The resumed cell's wall time covers its second run only: no mean is made of it.
+    assert two["variants"][0]["resumed"] == 1 and math.isnan(two["variants"][0]["wall_s"])
+    assert "wall s without 1 resumed" in (tmp_path / "killed" / "summary.md").read_text()
+
+
+def test_a_resumed_cell_costs_its_whole_training_in_the_eta() -> None:
+    resumed = dict(status="ok", resumed=True, train_s=1500.0, wall_s=300.0)  # the last 3 of 15 epochs
+    assert full_time(resumed) == 1500.0
+    assert full_time({**resumed, "resumed": False, "wall_s": 1600.0}) == 1600.0
+    assert full_time(dict(status="failed", resumed=True, wall_s=42.0)) == 42.0
 
 
 # A process that starts a child the way `sret ablate` starts a cell, then prints the child's id; the

@@ -80,10 +80,12 @@ SUMMARY_FIELDS = (
     "img_per_s",
     "train_s",
     "wall_s",
+    "resumed",
     "overrides",
     "error",
 )
-TIME_FIELDS = ("img_per_s", "train_s", "wall_s")  # differ between identical runs
+# How a cell ran, not what it learned: these differ between identical runs.
+RUN_FIELDS = ("img_per_s", "train_s", "wall_s", "resumed")
 RUN_ONLY = ("data_dir", "workers", "cache_images")  # where and how cells read data, not what they learn
 
 
@@ -464,6 +466,7 @@ class Scheduler:
         )
         self.total, self.finished = len(grid.cells), done
         self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any]] = {}  # by cell name
+        self.resumed: set[str] = set()  # cells continued from an earlier run's checkpoint
         self.times: dict[str, list[float]] = {}
         self.start = time.monotonic()
 
@@ -492,6 +495,8 @@ class Scheduler:
             command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
         )
         self.running[cell.name] = (cell, proc, time.monotonic(), log)
+        if "--resume" in command:
+            self.resumed.add(cell.name)
 
     def finish(self, name: str, pending: list[Cell]) -> None:
         cell, proc, started, log = self.running.pop(name)
@@ -504,11 +509,11 @@ class Scheduler:
                 result = {**missing(cell), "error": f"finished, but its results are unreadable: {e}"}
         else:
             result = {**missing(cell), "error": cell_error(self.layout.log(cell), proc.returncode)}
-        result["wall_s"] = wall
+        result["wall_s"], result["resumed"] = wall, name in self.resumed
         atomic_write(self.layout.result(cell), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         self.finished += 1
         write_current_summary(self.grid, self.layout)  # a partial summary as each cell finishes
-        self.times.setdefault(cell.variant.name, []).append(wall)
+        self.times.setdefault(cell.variant.name, []).append(full_time(result))
         self.log(f"[{self.finished}/{self.total}] {progress_line(result)}  ETA {self.eta(pending)}")
 
     def eta(self, pending: list[Cell]) -> str:
@@ -527,12 +532,21 @@ class Scheduler:
         return format_seconds(left / self.jobs)
 
 
+def full_time(result: dict[str, Any]) -> float:
+    """What the whole cell cost: a resumed cell's wall time covers only its last run, so its epochs'
+    training time (every run's, from the metrics) stands in for it; the ETA would otherwise shrink."""
+    if result.get("resumed") and result["status"] == "ok":
+        return result["train_s"]
+    return result["wall_s"]
+
+
 def progress_line(result: dict[str, Any]) -> str:
     if result["status"] != "ok":
         return f"{result['cell']}: FAILED ({result['error']})"
+    resumed = " (resumed: this run's part)" if result.get("resumed") else ""
     return (
         f"{result['cell']}: best top-1 {result['best_acc1']:.4f}, final {result['final_acc1']:.4f}, "
-        f"{result['img_per_s']:.0f} img/s, {format_seconds(result['wall_s'])}"
+        f"{result['img_per_s']:.0f} img/s, {format_seconds(result['wall_s'])}{resumed}"
     )
 
 
@@ -576,7 +590,8 @@ def summarise(grid: Grid, results: list[dict[str, Any]]) -> list[dict[str, Any]]
                 final_acc1_std=stats("final_acc1")[1],
                 img_per_s=stats("img_per_s")[0],
                 train_s=stats("train_s")[0],
-                wall_s=stats("wall_s")[0],
+                wall_s=stats("wall_s", [c for c in ok if not c.get("resumed")])[0],
+                resumed=sum(bool(c.get("resumed")) for c in ok),  # their wall time is a part: left out
                 overrides=json.dumps(variant.overrides, sort_keys=True),
                 error=failed[0]["error"] if failed else "",
             )
@@ -687,6 +702,7 @@ def write_summary(grid: Grid, results: list[dict[str, Any]], out: Path) -> list[
         "img_per_s",
         "train_s",
         "wall_s",
+        "resumed",
         "cpu",
         "error",
     )
@@ -723,11 +739,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 8 + "---|"]
     for r in rows:
         size = (f"{r['params'] / 1e6:.3f} M", f"{r['macs'] / 1e6:.2f}") if r["params"] else ("–", "–")
-        note = f"{r['failed']} failed: {r['error']}" if r["failed"] else ""
+        notes = [f"{r['failed']} failed: {r['error']}"] if r["failed"] else []
+        notes += [f"wall s without {r['resumed']} resumed"] if r["resumed"] else []
+        note = "; ".join(notes)
         timing = (
             ("–", "–", "–")
             if not r["seeds"]
-            else (f"{r['img_per_s']:.0f}", f"{r['train_s']:.1f}", f"{r['wall_s']:.1f}")
+            else (
+                f"{r['img_per_s']:.0f}",
+                f"{r['train_s']:.1f}",
+                "–" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.1f}",
+            )
         )
         best = pct(r["best_acc1_mean"], r["best_acc1_std"])
         final = pct(r["final_acc1_mean"], r["final_acc1_std"])
