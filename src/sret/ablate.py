@@ -535,7 +535,7 @@ class Scheduler:
 def full_time(result: dict[str, Any]) -> float:
     """What the whole cell cost: a resumed cell's wall time covers only its last run, so its epochs'
     training time (every run's, from the metrics) stands in for it; the ETA would otherwise shrink."""
-    if result.get("resumed") and result["status"] == "ok":
+    if result["resumed"] and result["status"] == "ok":
         return result["train_s"]
     return result["wall_s"]
 
@@ -543,7 +543,7 @@ def full_time(result: dict[str, Any]) -> float:
 def progress_line(result: dict[str, Any]) -> str:
     if result["status"] != "ok":
         return f"{result['cell']}: FAILED ({result['error']})"
-    resumed = " (resumed: this run's part)" if result.get("resumed") else ""
+    resumed = " (resumed: this run's part)" if result["resumed"] else ""
     return (
         f"{result['cell']}: best top-1 {result['best_acc1']:.4f}, final {result['final_acc1']:.4f}, "
         f"{result['img_per_s']:.0f} img/s, {format_seconds(result['wall_s'])}{resumed}"
