@@ -17,7 +17,17 @@ import pytest
 import torch
 import yaml
 
-from sret.ablate import GRIDS, RUN_FIELDS, Layout, check_same_grid, full_time, load_grid, run_grid
+from sret.ablate import (
+    GRIDS,
+    RUN_FIELDS,
+    Layout,
+    Scheduler,
+    check_same_grid,
+    finish_time,
+    full_time,
+    load_grid,
+    run_grid,
+)
 from sret.checkpoint import create_model
 from sret.io import UserError
 from sret.train import FAULT_EXIT_AFTER_CHECKPOINT
@@ -218,6 +228,24 @@ def test_a_resumed_cell_costs_its_whole_training_in_the_eta() -> None:
     assert full_time(resumed) == 1500.0
     assert full_time({**resumed, "resumed": False, "wall_s": 1600.0}) == 1600.0
     assert full_time(dict(status="failed", resumed=True, wall_s=42.0)) == 42.0
+
+
+def test_the_eta_fills_free_slots_in_order_and_never_splits_one_cell_across_jobs() -> None:
+    assert finish_time([3000.0], [], jobs=2) == 3000.0  # the last cell alone: not halved
+    assert finish_time([100.0, 500.0], [300.0, 300.0], jobs=2) == 700.0  # 100+300, then 400+300
+    assert finish_time([], [10.0, 10.0, 10.0], jobs=2) == 20.0
+    assert finish_time([], [], jobs=2) == 0.0
+
+
+def test_a_variant_not_yet_timed_costs_the_mean_epoch_times_its_epochs(tmp_path: Path) -> None:
+    grid = load_grid(str(write_grid(tmp_path, {"short": {"loops": 1}, "long": {"set": {"epochs": 3}}})))
+    scheduler = Scheduler(grid, Layout(tmp_path / "out"), [], jobs=2, threads=1, log=print, done=0)
+    assert scheduler.eta([]) == "?"  # nothing timed yet
+    scheduler.times = {"short": [100.0]}  # 1 epoch in 100 s
+    short, long = ({c.variant.name: c for c in grid.cells}[name] for name in ("short", "long"))
+    assert scheduler.eta([long]) == "5m00s"  # 3 epochs at 100 s, on one of the two slots
+    assert scheduler.eta([long, short, short]) == "5m00s"  # two short ones beside the long one
+    assert scheduler.eta([short, short, long]) == "6m40s"  # in launch order: the long one goes last
 
 
 # A process that starts a child the way `sret ablate` starts a cell, then prints the child's id; the

@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -517,19 +518,31 @@ class Scheduler:
         self.log(f"[{self.finished}/{self.total}] {progress_line(result)}  ETA {self.eta(pending)}")
 
     def eta(self, pending: list[Cell]) -> str:
-        """Remaining time: each left cell costs its variant's mean so far (else the overall mean)."""
-        every = [t for ts in self.times.values() for t in ts]
-        if not every:
+        """Remaining wall time: each left cell costs its variant's mean so far, or, for a variant not
+        yet timed, the mean time per epoch times its epochs (a grid's long cells come last)."""
+        if not self.times:
             return "?"
-        mean = statistics.fmean(every)
+        per_epoch = statistics.fmean(
+            t / self.grid.configs[v].epochs for v, ts in self.times.items() for t in ts
+        )
 
         def cost(cell: Cell) -> float:
-            return statistics.fmean(self.times.get(cell.variant.name, [mean]))
+            if cell.variant.name in self.times:
+                return statistics.fmean(self.times[cell.variant.name])
+            return per_epoch * self.grid.configs[cell.variant.name].epochs
 
         now = time.monotonic()
-        left = sum(cost(c) for c in pending)
-        left += sum(max(cost(c) - (now - started), 0.0) for c, _, started, _ in self.running.values())
-        return format_seconds(left / self.jobs)
+        left = [max(cost(c) - (now - started), 0.0) for c, _, started, _ in self.running.values()]
+        return format_seconds(finish_time(left, [cost(c) for c in pending], self.jobs))
+
+
+def finish_time(running: list[float], queued: list[float], jobs: int) -> float:
+    """When the last cell ends: running cells hold their slots for the time they have left; each
+    queued cell takes the first slot to free up, in order (as the scheduler launches them)."""
+    slots = sorted(running + [0.0] * (jobs - len(running)))  # a sorted list is a heap
+    for cost in queued:
+        heapq.heapreplace(slots, slots[0] + cost)
+    return max(slots, default=0.0)
 
 
 def full_time(result: dict[str, Any]) -> float:
