@@ -30,7 +30,7 @@ from sret.ablate import (
 )
 from sret.checkpoint import create_model
 from sret.io import UserError
-from sret.train import FAULT_EXIT_AFTER_CHECKPOINT
+from sret.train import FAULT_EXIT_AFTER_CHECKPOINT, FAULT_INTERRUPT_AFTER_STEP, STATE_FILE
 from sret.variants import resolve_overrides
 
 TINY_SET = dict(epochs=1, train_subset=64, val_subset=32, batch_size=32, warmup_epochs=0)
@@ -221,6 +221,25 @@ def test_a_killed_cell_resumes_on_rerun_and_gives_the_uninterrupted_table(
     # The resumed cell's wall time covers its second run only: no mean is made of it.
     assert two["variants"][0]["resumed"] == 1 and math.isnan(two["variants"][0]["wall_s"])
     assert "wall s without 1 resumed" in (tmp_path / "killed" / "summary.md").read_text()
+
+
+def test_a_cell_stopped_before_its_first_checkpoint_starts_over_and_is_not_called_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grid = load_grid(str(write_grid(tmp_path, {"a": {"loops": 1}})))
+    monkeypatch.setenv(FAULT_INTERRUPT_AFTER_STEP, "1")  # Ctrl-C in the cell before any checkpoint
+    [stopped] = run_grid(grid, tmp_path / "out", threads=1, log=lambda _: None)
+    run_dir = tmp_path / "out" / "cells" / "a-s0"
+    assert stopped["status"] == "failed" and not (run_dir / STATE_FILE).exists()
+    monkeypatch.delenv(FAULT_INTERRUPT_AFTER_STEP)
+    lines: list[str] = []
+    [rerun] = run_grid(grid, tmp_path / "out", threads=1, log=lines.append)
+    launches = [
+        ln for ln in (tmp_path / "out" / "logs" / "a-s0.log").read_text().splitlines() if ln.startswith("$ ")
+    ]
+    assert len(launches) == 2 and "--resume" in launches[1]  # launched as a resume: it starts over
+    assert rerun["status"] == "ok" and not rerun["resumed"]  # so its wall time is the whole cell's
+    assert "resumed" not in next(line for line in lines if "a-s0: best top-1" in line)
 
 
 def test_a_resumed_cell_costs_its_whole_training_in_the_eta() -> None:

@@ -61,7 +61,7 @@ from sret.info import count_macs
 from sret.io import UserError, atomic_write, read_mapping
 from sret.plots import plot_ablation, plot_learning_curves
 from sret.runtime import cpu_description, die_with_parent
-from sret.train import TrainConfig, load_recipe, resolve_config
+from sret.train import STATE_FILE, TrainConfig, load_recipe, resolve_config
 from sret.variants import resolve_overrides
 
 GRIDS = Path(__file__).parent / "grids"
@@ -496,7 +496,7 @@ class Scheduler:
             command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
         )
         self.running[cell.name] = (cell, proc, time.monotonic(), log)
-        if "--resume" in command:
+        if (self.layout.run_dir(cell) / STATE_FILE).is_file():  # else `--resume` starts it over
             self.resumed.add(cell.name)
 
     def finish(self, name: str, pending: list[Cell]) -> None:
