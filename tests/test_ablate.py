@@ -147,7 +147,8 @@ def test_a_failed_cell_is_reported_and_does_not_stop_the_others(tmp_path: Path) 
     results = run_grid(grid, tmp_path / "out", log=lines.append)
     assert [r["status"] for r in results] == ["failed", "ok"]
     assert "cannot parse run config" in results[0]["error"]
-    assert any("a-s0: FAILED (cannot parse run config" in line for line in lines)
+    failed = next(line for line in lines if "a-s0: FAILED (cannot parse run config" in line)
+    assert failed.endswith("ETA ?")  # nothing timed yet: a failure's seconds are not a cell's cost
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| a | 0 of 1 |" in table and "1 failed: cannot parse run config" in table and "| b | 1 |" in table
     assert table.startswith("**Partial: 1 of 2 cells finished.**")  # the failed cell reruns next time
@@ -246,7 +247,6 @@ def test_a_resumed_cell_costs_its_whole_training_in_the_eta() -> None:
     resumed = dict(status="ok", resumed=True, train_s=1500.0, wall_s=300.0)  # the last 3 of 15 epochs
     assert full_time(resumed) == 1500.0
     assert full_time({**resumed, "resumed": False, "wall_s": 1600.0}) == 1600.0
-    assert full_time(dict(status="failed", resumed=True, wall_s=42.0)) == 42.0
 
 
 def test_the_eta_fills_free_slots_in_order_and_never_splits_one_cell_across_jobs() -> None:

@@ -514,7 +514,8 @@ class Scheduler:
         atomic_write(self.layout.result(cell), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         self.finished += 1
         write_current_summary(self.grid, self.layout)  # a partial summary as each cell finishes
-        self.times.setdefault(cell.variant.name, []).append(full_time(result))
+        if result["status"] == "ok":  # a failure's time says nothing of what a cell costs
+            self.times.setdefault(cell.variant.name, []).append(full_time(result))
         self.log(f"[{self.finished}/{self.total}] {progress_line(result)}  ETA {self.eta(pending)}")
 
     def eta(self, pending: list[Cell]) -> str:
@@ -546,11 +547,9 @@ def finish_time(running: list[float], queued: list[float], jobs: int) -> float:
 
 
 def full_time(result: dict[str, Any]) -> float:
-    """What the whole cell cost: a resumed cell's wall time covers only its last run, so its epochs'
+    """What a finished cell cost: a resumed cell's wall time covers only its last run, so its epochs'
     training time (every run's, from the metrics) stands in for it; the ETA would otherwise shrink."""
-    if result["resumed"] and result["status"] == "ok":
-        return result["train_s"]
-    return result["wall_s"]
+    return result["train_s"] if result["resumed"] else result["wall_s"]
 
 
 def progress_line(result: dict[str, Any]) -> str:
