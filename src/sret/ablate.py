@@ -469,7 +469,6 @@ class Scheduler:
         self.running: dict[str, tuple[Cell, subprocess.Popen, float, Any]] = {}  # by cell name
         self.resumed: set[str] = set()  # cells continued from an earlier run's checkpoint
         self.times: dict[str, list[float]] = {}
-        self.start = time.monotonic()
 
     def run(self) -> None:
         pending = list(self.todo)
@@ -488,6 +487,8 @@ class Scheduler:
 
     def launch(self, cell: Cell) -> None:
         command = cell_command(self.grid, cell, self.layout, self.threads)
+        if (self.layout.run_dir(cell) / STATE_FILE).is_file():  # before the cell can write one; else
+            self.resumed.add(cell.name)  # `--resume` starts it over
         log = open(self.layout.log(cell), "a")  # noqa: SIM115 (closed when the cell ends)
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -496,8 +497,6 @@ class Scheduler:
             command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
         )
         self.running[cell.name] = (cell, proc, time.monotonic(), log)
-        if (self.layout.run_dir(cell) / STATE_FILE).is_file():  # else `--resume` starts it over
-            self.resumed.add(cell.name)
 
     def finish(self, name: str, pending: list[Cell]) -> None:
         cell, proc, started, log = self.running.pop(name)
